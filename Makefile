@@ -1,0 +1,32 @@
+# normlab — the two commands are `make demo` and `make test`; each builds .venv when it is missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+THREADS ?= 2
+
+.PHONY: demo test test-all bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-cpu.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-cpu.txt
+	$(PY) -m pip install --quiet -e ".[lab,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	OMP_NUM_THREADS=$(THREADS) $(PY) -m normlab demo
+
+test: $(STAMP)
+	OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest -q
+
+test-all: $(STAMP)
+	OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest -q -m ""
+
+bench: $(STAMP)
+	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/bench_layers.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

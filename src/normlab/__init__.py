@@ -1,0 +1,50 @@
+"""normlab: normalisation layers written from first principles, and a lab that tests what is claimed about them.
+
+The layers are drop-in replacements for ``torch.nn``'s (same signatures,
+conventions and state dicts) with forward and backward written out::
+
+    import normlab
+    bn = normlab.BatchNorm2d(64)
+    norm = normlab.make_norm("groupnorm", 64)
+    model = normlab.convert(torchvision_style_model)   # swap every torch norm
+"""
+
+from normlab import functional
+from normlab.convert import convert, to_normlab, to_torch
+from normlab.layers import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    GroupNorm,
+    InstanceNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LayerNorm,
+    RMSNorm,
+)
+from normlab.registry import make_norm, norm_names, register_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "functional",
+    "convert",
+    "to_normlab",
+    "to_torch",
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "GroupNorm",
+    "InstanceNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+    "RMSNorm",
+    "make_norm",
+    "norm_names",
+    "register_norm",
+]

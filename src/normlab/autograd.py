@@ -1,0 +1,222 @@
+"""``torch.autograd.Function`` wrappers: forward and analytic backward, written out.
+
+Two functions cover every norm:
+
+* :class:`ColumnNorm` — statistics per channel ``C`` of an ``(A, C, B)`` view
+  (BatchNorm). Returns the output and the batch mean and biased variance.
+* :class:`RowNorm` — statistics per leading index over the trailing ``red``
+  dims (LayerNorm, RMSNorm, GroupNorm, InstanceNorm).
+
+With ``xhat = (x - mu) * invstd`` and ``gw = grad * weight`` the backward is
+
+    centred (mean and variance):  dx = invstd * (gw - mean(gw) - xhat * mean(gw * xhat))
+    RMS (no centring):            dx = invstd * (gw - xhat * mean(gw * xhat))
+    dweight = sum(grad * xhat),   dbias = sum(grad)
+
+where ``mean`` runs over the statistics' axes and the sums over the axes the
+affine parameters are broadcast along.
+
+Twice differentiable: when the backward itself is recorded (``create_graph=True``,
+as in Hessian-vector products) it runs :func:`norm_backward`, the same formula
+in differentiable tensor ops with the statistics recomputed from ``x``, so
+autograd differentiates the analytic backward. Otherwise the fast chunked
+kernels of ``normlab._kernels`` run under ``no_grad``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from normlab import _kernels as K
+
+__all__ = ["ColumnNorm", "RowNorm", "norm_backward"]
+
+
+def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
+    """Sum ``t`` over the dims where ``shape`` has size 1 (keepdim), i.e. undo broadcasting."""
+    dims = tuple(d for d, s in enumerate(shape) if s == 1 and t.shape[d] != 1)
+    return t.sum(dims, keepdim=True) if dims else t
+
+
+def norm_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    stat_dims: tuple[int, ...],
+    centered: bool,
+    need: tuple[bool, bool, bool],
+    affine_shape: torch.Size | tuple[int, ...] | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The analytic backward in differentiable ops (statistics recomputed from ``x``).
+
+    ``weight`` (if given) is already shaped to broadcast against ``x``, and
+    ``affine_shape`` is that broadcast shape (``None`` when there is neither
+    weight nor bias). Returns ``(dx, dweight, dbias)`` shaped like the affine.
+    """
+    if centered:
+        mean = x.mean(stat_dims, keepdim=True)
+        xc = x - mean
+        var = (xc * xc).mean(stat_dims, keepdim=True)
+    else:
+        xc = x
+        var = (x * x).mean(stat_dims, keepdim=True)
+    invstd = torch.rsqrt(var + eps)
+    xhat = xc * invstd
+    gw = grad if weight is None else grad * weight
+    dx = dw = db = None
+    if need[0]:
+        inner = gw - xhat * (gw * xhat).mean(stat_dims, keepdim=True)
+        if centered:
+            inner = inner - gw.mean(stat_dims, keepdim=True)
+        dx = invstd * inner
+    if affine_shape is not None and need[1]:
+        dw = _sum_to(grad * xhat, affine_shape)
+    if affine_shape is not None and need[2]:
+        db = _sum_to(grad, affine_shape)
+    return dx, dw, db
+
+
+class ColumnNorm(torch.autograd.Function):
+    """Per-channel normalisation of ``x3`` (A, C, B) with batch statistics.
+
+    ``forward(x3, weight, bias, eps) -> (y3, mean, var)``; ``weight``/``bias``
+    are ``(C,)`` or ``None``; ``mean``/``var`` (biased) are not differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+        c = x3.shape[1]
+        mean, var = K.column_mean_var(x3)  # (C,), (C,)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias
+        y3 = torch.addcmul(shift.view(1, c, 1).to(x3.dtype), x3, scale.view(1, c, 1).to(x3.dtype))
+        ctx.save_for_backward(x3, weight, bias, mean, invstd)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var)
+        return y3, mean, var
+
+    @staticmethod
+    def backward(ctx, gy3: Tensor, _gmean, _gvar):
+        x3, weight, bias, mean, invstd = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        c = x3.shape[1]
+        if torch.is_grad_enabled():  # create_graph: differentiate the analytic formula
+            w = None if weight is None else weight.view(1, c, 1)
+            dx, dw, db = norm_backward(gy3, x3, w, ctx.eps, (0, 2), True, need, (1, c, 1))
+            return dx, None if dw is None else dw.view(c), None if db is None else db.view(c), None
+        gy3 = gy3.contiguous()
+        n = x3.shape[0] * x3.shape[2]
+        sum_g, sum_gc = K.column_sums_for_backward(gy3, x3, mean)  # (C,), (C,)
+        dx = dw = db = None
+        if need[0]:
+            a = invstd if weight is None else invstd * weight  # d y / d xhat * invstd
+            k = sum_gc * invstd * invstd / n
+            coef_x = -a * k
+            const = a * (mean * k - sum_g / n)
+            # dx = a*g - a*k*(x - mean) - a*sum_g/n, evaluated as two fused passes
+            dx = torch.addcmul(const.view(1, c, 1).to(x3.dtype), x3, coef_x.view(1, c, 1).to(x3.dtype))
+            dx.addcmul_(gy3, a.view(1, c, 1).to(x3.dtype))
+        if weight is not None and need[1]:
+            dw = (sum_gc * invstd).to(weight.dtype)
+        if bias is not None and need[2]:
+            db = sum_g.to(bias.dtype)
+        return dx, dw, db, None
+
+
+class RowNorm(torch.autograd.Function):
+    """Normalisation over the trailing ``red`` dims of ``x`` with per-row statistics.
+
+    ``forward(x, weight, bias, eps, red, centered) -> (y, mean, var)``:
+    ``weight``/``bias`` broadcast against ``x`` with size 1 on dim 0 (or are
+    ``None``); ``mean`` is ``None``-like (zeros) when ``centered`` is False, in
+    which case ``var`` is the mean square (RMSNorm).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight, bias, eps: float, red: int, centered: bool):
+        x = x.contiguous()
+        mean, var = K.row_stats(x, red, centered)  # keepdim shapes
+        invstd = torch.rsqrt(var + eps)
+        y = _row_output(x, mean, invstd, weight, bias)
+        ctx.save_for_backward(x, weight, bias, mean if mean is not None else invstd.new_zeros(()), invstd)
+        ctx.eps, ctx.red, ctx.centered = eps, red, centered
+        out_mean = mean if mean is not None else torch.zeros_like(var)
+        ctx.mark_non_differentiable(out_mean, var)
+        return y, out_mean, var
+
+    @staticmethod
+    def backward(ctx, gy: Tensor, _gmean, _gvar):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        red, centered = ctx.red, ctx.centered
+        stat_dims = tuple(range(x.dim() - red, x.dim()))
+        if torch.is_grad_enabled():
+            affine = weight if weight is not None else bias
+            shape = None if affine is None else affine.shape
+            dx, dw, db = norm_backward(gy, x, weight, ctx.eps, stat_dims, centered, need, shape)
+            return dx, dw, db, None, None, None
+        gy = gy.contiguous()
+        dx = torch.empty_like(x) if need[0] else None
+        sdt = invstd.dtype
+        dw = torch.zeros(weight.shape, dtype=sdt, device=x.device) if weight is not None and need[1] else None
+        step = K._rows_per_chunk(x)
+        xh = torch.empty((step, *x.shape[1:]), dtype=sdt, device=x.device)
+        tmp = torch.empty_like(xh)
+        gwb = torch.empty_like(xh) if weight is not None else None
+        for i, j in K._chunks(x.shape[0], step):
+            xhc, tc = xh[: j - i], tmp[: j - i]
+            inv = invstd[i:j]
+            if centered:
+                torch.sub(x[i:j], mean[i:j], out=xhc)
+                xhc.mul_(inv)
+            else:
+                torch.mul(x[i:j], inv, out=xhc)
+            gc = gy[i:j]
+            if dw is not None:
+                dw += _sum_to(torch.mul(gc, xhc, out=tc), dw.shape)
+            if dx is None:
+                continue
+            gw = gc if weight is None else torch.mul(gc, weight, out=gwb[: j - i])
+            m2 = torch.mul(gw, xhc, out=tc).mean(stat_dims, keepdim=True)
+            dxc = dx[i:j]
+            torch.mul(xhc, m2, out=dxc)
+            torch.sub(gw, dxc, out=dxc)
+            if centered:
+                dxc.sub_(gw.mean(stat_dims, keepdim=True))
+            dxc.mul_(inv)
+        db = _sum_to(gy, bias.shape) if bias is not None and need[2] else None
+        if dw is not None:
+            dw = dw.to(weight.dtype)
+        return dx, dw, db, None, None, None
+
+
+def _row_output(x: Tensor, mean: Tensor | None, invstd: Tensor, weight, bias) -> Tensor:
+    """``(x - mean) * invstd * weight + bias`` in as few passes over ``x`` as possible."""
+    scale = invstd if weight is None else invstd * weight
+    if scale.numel() * 8 <= x.numel():
+        # statistics and affine both constant along the last dim (GroupNorm, InstanceNorm):
+        # one fused pass with per-(row, channel) scale and shift
+        shift = torch.zeros((), dtype=scale.dtype, device=x.device) if mean is None else -mean * scale
+        if bias is not None:
+            shift = shift + bias
+        return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
+    # the affine varies along the normalised dims (LayerNorm, RMSNorm): chunked, in cache
+    y = torch.empty_like(x)
+    step = K._rows_per_chunk(x)
+    for i, j in K._chunks(x.shape[0], step):
+        yc = y[i:j]
+        if mean is None:
+            torch.mul(x[i:j], invstd[i:j], out=yc)
+        else:
+            torch.sub(x[i:j], mean[i:j], out=yc)
+            yc.mul_(invstd[i:j])
+        if weight is not None:
+            yc.mul_(weight)
+        if bias is not None:
+            yc.add_(bias)
+    return y

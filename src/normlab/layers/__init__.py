@@ -1,0 +1,21 @@
+"""normlab's normalisation layers (``torch.nn`` modules)."""
+
+from normlab.layers.base import NormBase
+from normlab.layers.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from normlab.layers.groupnorm import GroupNorm, InstanceNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from normlab.layers.layernorm import LayerNorm, RMSNorm
+
+__all__ = [
+    "NormBase",
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LayerNorm",
+    "RMSNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+]
