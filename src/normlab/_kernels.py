@@ -109,3 +109,46 @@ def row_stats(x: Tensor, red: int, centered: bool) -> tuple[Tensor | None, Tenso
     var = m2.square_() / k
     keep = (*x.shape[: x.dim() - red], *([1] * red))
     return mean.view(keep), var.view(keep)
+
+
+# --------------------------------------------------------------------------- elementwise passes
+
+
+def _rows(t: Tensor | None, i: int, j: int) -> Tensor | None:
+    """Rows ``i:j`` of a per-row tensor; a tensor broadcast along dim 0 (size 1) is returned whole."""
+    if t is None or t.dim() == 0 or t.shape[0] == 1:
+        return t
+    return t[i:j]
+
+
+def centred_affine(
+    x: Tensor,
+    centre: Tensor | None,
+    scales: tuple[Tensor | None, ...],
+    shift: Tensor | None = None,
+    addend: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """``(x - centre) * scales[0] * scales[1] ... + addend[0] * addend[1] + shift`` in one sweep over ``x``.
+
+    Every operand broadcasts against ``x`` and has size 1 or ``x.shape[0]`` on
+    dim 0. Subtracting the centre first keeps full precision when
+    ``|mean| >> std`` (folding it into a shift, ``x * s - mean * s``, does not);
+    working chunk by chunk keeps the intermediate passes in cache, so the cost
+    is one read of each input and one write of the output.
+    """
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    step = _rows_per_chunk(x)
+    for i, j in _chunks(x.shape[0], step):
+        o = out[i:j]
+        if centre is None:
+            o.copy_(x[i:j])
+        else:
+            torch.sub(x[i:j], _rows(centre, i, j), out=o)
+        for s in scales:
+            if s is not None:
+                o.mul_(_rows(s, i, j))
+        if addend is not None:
+            o.addcmul_(_rows(addend[0], i, j), _rows(addend[1], i, j))
+        if shift is not None:
+            o.add_(_rows(shift, i, j))
+    return out

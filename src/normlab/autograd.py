@@ -91,10 +91,7 @@ class ColumnNorm(torch.autograd.Function):
         mean, var = K.column_mean_var(x3)  # (C,), (C,)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight
-        shift = -mean * scale
-        if bias is not None:
-            shift = shift + bias
-        y3 = torch.addcmul(shift.view(1, c, 1).to(x3.dtype), x3, scale.view(1, c, 1).to(x3.dtype))
+        y3 = K.centred_affine(x3, _col(mean, c, x3), (_col(scale, c, x3),), _col(bias, c, x3))
         ctx.save_for_backward(x3, weight, bias, mean, invstd)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var)
@@ -114,13 +111,12 @@ class ColumnNorm(torch.autograd.Function):
         sum_g, sum_gc = K.column_sums_for_backward(gy3, x3, mean)  # (C,), (C,)
         dx = dw = db = None
         if need[0]:
-            a = invstd if weight is None else invstd * weight  # d y / d xhat * invstd
-            k = sum_gc * invstd * invstd / n
-            coef_x = -a * k
-            const = a * (mean * k - sum_g / n)
-            # dx = a*g - a*k*(x - mean) - a*sum_g/n, evaluated as two fused passes
-            dx = torch.addcmul(const.view(1, c, 1).to(x3.dtype), x3, coef_x.view(1, c, 1).to(x3.dtype))
-            dx.addcmul_(gy3, a.view(1, c, 1).to(x3.dtype))
+            a = invstd if weight is None else invstd * weight  # weight * invstd, per channel
+            k = sum_gc * invstd * invstd / n  # mean(g * xhat) * invstd
+            # dx = a * (g - mean(g) - xhat * mean(g * xhat)) = (x - mean) * (-a k) + g * a - a mean(g)
+            dx = K.centred_affine(
+                x3, _col(mean, c, x3), (_col(-a * k, c, x3),), _col(-a * sum_g / n, c, x3), (gy3, _col(a, c, x3))
+            )
         if weight is not None and need[1]:
             dw = (sum_gc * invstd).to(weight.dtype)
         if bias is not None and need[2]:
@@ -195,28 +191,17 @@ class RowNorm(torch.autograd.Function):
         return dx, dw, db, None, None, None
 
 
+def _col(t: Tensor | None, c: int, like: Tensor) -> Tensor | None:
+    """A per-channel vector shaped (1, C, 1) in ``like``'s dtype."""
+    return None if t is None else t.view(1, c, 1).to(like.dtype)
+
+
 def _row_output(x: Tensor, mean: Tensor | None, invstd: Tensor, weight, bias) -> Tensor:
-    """``(x - mean) * invstd * weight + bias`` in as few passes over ``x`` as possible."""
+    """``(x - mean) * invstd * weight + bias``, one sweep over ``x``."""
     scale = invstd if weight is None else invstd * weight
     if scale.numel() * 8 <= x.numel():
         # statistics and affine both constant along the last dim (GroupNorm, InstanceNorm):
-        # one fused pass with per-(row, channel) scale and shift
-        shift = torch.zeros((), dtype=scale.dtype, device=x.device) if mean is None else -mean * scale
-        if bias is not None:
-            shift = shift + bias
-        return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
-    # the affine varies along the normalised dims (LayerNorm, RMSNorm): chunked, in cache
-    y = torch.empty_like(x)
-    step = K._rows_per_chunk(x)
-    for i, j in K._chunks(x.shape[0], step):
-        yc = y[i:j]
-        if mean is None:
-            torch.mul(x[i:j], invstd[i:j], out=yc)
-        else:
-            torch.sub(x[i:j], mean[i:j], out=yc)
-            yc.mul_(invstd[i:j])
-        if weight is not None:
-            yc.mul_(weight)
-        if bias is not None:
-            yc.add_(bias)
-    return y
+        # fold them into one per-(row, channel) factor
+        return K.centred_affine(x, mean, (scale.to(x.dtype),), bias)
+    # the affine varies along the normalised dims (LayerNorm, RMSNorm)
+    return K.centred_affine(x, mean, (invstd.to(x.dtype), weight), bias)

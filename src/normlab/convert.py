@@ -7,6 +7,7 @@ identically; the train/eval mode of every module is kept.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from normlab import layers as L
@@ -28,22 +29,30 @@ _PAIRS: list[tuple[type, type, tuple[str, ...]]] = [
 ]
 
 
-def _swap(module: nn.Module, target: type, argnames: tuple[str, ...]) -> nn.Module:
+def _source_kwargs(module: nn.Module, argnames: tuple[str, ...], to: str) -> dict:
     kwargs = {k: getattr(module, k) for k in argnames}
-    new = target(**kwargs, device="meta")  # placeholder storage, replaced below
-    for name, p in module.named_parameters(recurse=False):
-        setattr(new, name, p)
-    for name in ("weight", "bias"):
-        if getattr(module, name, None) is None and name in new._parameters:
-            new.register_parameter(name, None)
-    for name, b in module.named_buffers(recurse=False):
-        if name in new._buffers:
-            new._buffers[name] = b
-    for name, b in list(new._buffers.items()):  # buffers only the target has (normlab's counters)
-        if b is not None and b.device.type == "meta":
-            ref = next(iter(module.parameters(recurse=False)), None) or next(iter(module.buffers(recurse=False)), None)
-            device = ref.device if ref is not None else "cpu"
-            new._buffers[name] = b.new_zeros(b.shape, device=device)
+    if to == "torch":  # PyTorch knows one momentum convention and no frozen or debiased statistics
+        if getattr(module, "frozen", False) or getattr(module, "debias", False):
+            raise ValueError(
+                f"{type(module).__name__} uses frozen or debiased statistics, which torch.nn has no equivalent for; "
+                "unfreeze it (normlab.unfreeze) or build it with debias=False before converting"
+            )
+        if getattr(module, "momentum_convention", "torch") == "decay":
+            kwargs["momentum"] = 1.0 - module.momentum
+    return kwargs
+
+
+def _swap(module: nn.Module, target: type, argnames: tuple[str, ...], to: str) -> nn.Module:
+    new = target(**_source_kwargs(module, argnames, to), device="meta")  # placeholder storage, replaced below
+    for name in list(new._parameters):
+        new._parameters[name] = module._parameters.get(name)  # the same Parameter objects (or None)
+    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    for name, b in list(new._buffers.items()):
+        if name in module._buffers:
+            new._buffers[name] = module._buffers[name]
+        elif b is not None:  # a buffer only the target has (normlab's counters): fresh zeros
+            new._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device=device)
     new.train(module.training)
     return new
 
@@ -60,7 +69,7 @@ def convert(model: nn.Module, to: str = "normlab") -> nn.Module:
     kind = type(model)
     if kind in pairs:
         dst, args = pairs[kind]
-        return _swap(model, dst, args)
+        return _swap(model, dst, args, to)
     for name, child in model.named_children():
         setattr(model, name, convert(child, to))
     return model

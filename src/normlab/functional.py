@@ -277,6 +277,7 @@ def batch_norm_train(
     The building block of every BN layer: the caller decides what to do with the
     statistics (EMA, cumulative, recalibration, synchronisation).
     """
+    _check_floating(input, "batch_norm")
     dim = _axis(feature_dim, input.dim(), "batch_norm")
     c = input.shape[dim]
     if mask is not None:
