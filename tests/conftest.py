@@ -15,3 +15,16 @@ def tol(dtype: torch.dtype) -> dict:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["native", "tensor-ops"])
+def backend(request, monkeypatch):
+    """Run a test on both CPU backends: the compiled kernels and the tensor-op kernels."""
+    from normlab import _native
+
+    if request.param == "native":
+        if _native.library() is None:
+            pytest.skip("native kernels unavailable (no C compiler)")
+    else:
+        monkeypatch.setattr(_native, "usable", lambda *tensors: False)
+    return request.param

@@ -8,6 +8,11 @@ import normlab
 from normlab import autograd as NA
 
 
+@pytest.fixture(autouse=True)
+def _both_backends(backend):
+    """Every test here runs on the compiled kernels and on the tensor-op kernels."""
+
+
 def _registered():
     return [n for n in normlab.norm_names() if n != "none"]
 

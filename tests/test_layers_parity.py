@@ -9,6 +9,11 @@ from torch import nn
 import normlab
 from conftest import tol
 
+@pytest.fixture(autouse=True)
+def _both_backends(backend):
+    """Every test here runs on the compiled kernels and on the tensor-op kernels."""
+
+
 DTYPES = [torch.float32, torch.float64]
 
 

@@ -1,7 +1,12 @@
 """Fast, exact reductions and elementwise passes for the normalisation core.
 
 Everything here runs without autograd on plain tensors; ``normlab.autograd``
-wraps it. Two layouts cover every norm in the library:
+wraps it. Each function dispatches to the compiled CPU kernels of
+``normlab._native`` when they can take the tensors (CPU, contiguous,
+float32/float64) and otherwise runs the tensor-op version below, which works
+on any device. Both compute the same formulas; the tests run on both.
+
+Two layouts cover every norm in the library:
 
 * **column** — ``x3`` of shape ``(A, C, B)``: statistics per ``C`` over ``A``
   and ``B`` (BatchNorm in any memory format, once viewed this way);
@@ -19,8 +24,12 @@ does not).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+from normlab import _native
 
 __all__: list[str] = []  # private module
 
@@ -47,6 +56,9 @@ def _chunks(n: int, step: int):
 
 def column_mean_var(x3: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``x3`` (A, C, B) over A and B."""
+    if _native.usable(x3):
+        mean, var = _native.column_mean_var(x3)
+        return mean.to(x3.dtype), var.to(x3.dtype)
     a, c, b = x3.shape
     n = a * b
     sdt = stat_dtype(x3.dtype)
@@ -67,6 +79,9 @@ def column_mean_var(x3: Tensor) -> tuple[Tensor, Tensor]:
 
 def column_sums_for_backward(g3: Tensor, x3: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
     """``sum(g)`` and ``sum(g * (x - mean))`` per channel of (A, C, B) tensors."""
+    if _native.usable(g3, x3):
+        sum_g, sum_gc = _native.column_sums_for_backward(g3, x3, mean)
+        return sum_g.to(x3.dtype), sum_gc.to(x3.dtype)
     a, c, b = x3.shape
     sdt = stat_dtype(x3.dtype)
     sum_g = g3.sum((0, 2), dtype=sdt)
@@ -84,31 +99,54 @@ def column_sums_for_backward(g3: Tensor, x3: Tensor, mean: Tensor) -> tuple[Tens
 # --------------------------------------------------------------------------- row layout
 
 
-def row_stats(x: Tensor, red: int, centered: bool) -> tuple[Tensor | None, Tensor]:
-    """Per-row mean (or None) and biased variance / mean square over the trailing ``red`` dims.
+def row_forward(
+    x: Tensor, red: int, centered: bool, eps: float, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Normalise ``x`` over its trailing ``red`` dims, statistics and output in one sweep.
 
-    Returned with ``keepdim`` shape so they broadcast against ``x``.
+    Chunk by chunk (rows of dim 0): the centred values are written straight
+    into the output, their norm gives the variance (exact two-pass formula, the
+    second pass in cache), then the output is scaled and shifted in place. So
+    ``x`` is read from memory once and the output written once.
+
+    Returns ``y`` and the per-row ``mean`` (zeros when not ``centered``) and
+    ``var`` (biased; the mean square when not ``centered``), keepdim-shaped.
+    ``weight``/``bias`` broadcast against ``x`` with size 1 on dim 0.
     """
-    dims = tuple(range(x.dim() - red, x.dim()))
+    lead = x.shape[: x.dim() - red]
+    keep = (*lead, *([1] * red))
+    layout = _native.row_layout(x, red, weight if weight is not None else bias)
+    if layout is not None and _native.usable(x, weight, bias):
+        y, mean, var = _native.row_forward(x, layout, centered, eps, weight, bias)
+        return y, mean.to(x.dtype).view(keep), var.to(x.dtype).view(keep)
+    k = x[0].numel() // max(1, math.prod(lead[1:])) if x.numel() else 1
+    flat = x.view(*lead, -1)  # (R, ..., K)
     sdt = stat_dtype(x.dtype)
-    k = 1
-    for d in dims:
-        k *= x.shape[d]
-    flat = x.reshape(*x.shape[: x.dim() - red], k)
-    if not centered:
-        ms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True, dtype=sdt).square_() / k
-        return None, ms.view(*x.shape[: x.dim() - red], *([1] * red))
-    mean = flat.sum(-1, keepdim=True, dtype=sdt) / k
-    m2 = torch.empty_like(mean)
-    step = _rows_per_chunk(flat)
-    buf = torch.empty((step, *flat.shape[1:]), dtype=sdt, device=x.device)
-    for i, j in _chunks(flat.shape[0], step):
-        d = buf[: j - i]
-        torch.sub(flat[i:j], mean[i:j], out=d)
-        torch.linalg.vector_norm(d, dim=-1, keepdim=True, out=m2[i:j])
-    var = m2.square_() / k
-    keep = (*x.shape[: x.dim() - red], *([1] * red))
-    return mean.view(keep), var.view(keep)
+    mean = torch.zeros((*lead, 1), dtype=sdt, device=x.device)
+    var = torch.empty((*lead, 1), dtype=sdt, device=x.device)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    yflat = y.view(flat.shape)
+    # per-row factor when the affine is constant along the last normalised dim (GroupNorm, InstanceNorm)
+    fold = weight is not None and weight.shape[-1] == 1 and red >= 1
+    for i, j in _chunks(flat.shape[0], _rows_per_chunk(flat)):
+        xc, yc = flat[i:j], yflat[i:j]
+        if centered:
+            torch.sum(xc, -1, keepdim=True, dtype=sdt, out=mean[i:j]).div_(k)
+            torch.sub(xc, mean[i:j], out=yc)
+        else:
+            yc.copy_(xc)
+        torch.linalg.vector_norm(yc, dim=-1, keepdim=True, dtype=sdt, out=var[i:j])
+        inv = var[i:j].square_().div_(k).add(eps).rsqrt_()
+        yv = y[i:j]  # the chunk in x's own shape, for the affine
+        if fold:
+            yv.mul_(inv.view(inv.shape[:-1] + (1,) * red).mul(weight).to(x.dtype))
+        else:
+            yc.mul_(inv.to(x.dtype))
+            if weight is not None:
+                yv.mul_(weight)
+        if bias is not None:
+            yv.add_(bias)
+    return y, mean.view(keep), var.view(keep)
 
 
 # --------------------------------------------------------------------------- elementwise passes
@@ -152,3 +190,86 @@ def centred_affine(
         if shift is not None:
             o.add_(_rows(shift, i, j))
     return out
+
+
+def column_affine(
+    x3: Tensor, centre: Tensor, kx: Tensor, shift: Tensor, g3: Tensor | None = None, kg: Tensor | None = None
+) -> Tensor:
+    """``(x - centre) * kx + g * kg + shift`` on (A, C, B) tensors with per-channel (C,) coefficients.
+
+    BatchNorm's output (``kx = weight * invstd``, ``shift = bias``) and its input
+    gradient (see ``ColumnNorm.backward``) are both of this form.
+    """
+    if _native.usable(x3, g3):
+        return _native.column_affine(x3, centre, kx, shift, g3, kg)
+    c = x3.shape[1]
+
+    def col(t):
+        return t.view(1, c, 1).to(x3.dtype)
+
+    addend = None if g3 is None else (g3, col(kg))
+    return centred_affine(x3, col(centre), (col(kx),), col(shift), addend)
+
+
+def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
+    """Sum ``t`` over the dims where ``shape`` has size 1 (keepdim), i.e. undo broadcasting."""
+    dims = tuple(d for d, s in enumerate(shape) if s == 1 and t.shape[d] != 1)
+    return t.sum(dims, keepdim=True) if dims else t
+
+
+def row_backward(
+    gy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    red: int,
+    centered: bool,
+    need: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Backward of :func:`row_forward`: ``(dx, dweight, dbias)`` (each ``None`` when not needed).
+
+    ``dx = invstd * (gw - mean(gw) - xhat * mean(gw * xhat))`` with ``gw = g * weight``
+    (no ``mean(gw)`` term when not centred); ``dweight = sum(g * xhat)``,
+    ``dbias = sum(g)`` over the axes the affine broadcasts along.
+    """
+    need_dw = weight is not None and need[1]
+    need_db = bias is not None and need[2]
+    affine = weight if weight is not None else bias
+    layout = _native.row_layout(x, red, affine)
+    if layout is not None and _native.usable(gy, x, weight):
+        dx, dw, db = _native.row_backward(gy, x, layout, weight, mean, invstd, centered, need[0], need_dw or need_db)
+        dw = dw.to(weight.dtype).view(weight.shape) if need_dw else None
+        db = db.to(bias.dtype).view(bias.shape) if need_db else None
+        return dx, dw, db
+    stat_dims = tuple(range(x.dim() - red, x.dim()))
+    sdt = invstd.dtype
+    dx = torch.empty_like(x) if need[0] else None
+    dw = torch.zeros(weight.shape, dtype=sdt, device=x.device) if need_dw else None
+    step = _rows_per_chunk(x)
+    xh = torch.empty((step, *x.shape[1:]), dtype=sdt, device=x.device)
+    tmp = torch.empty_like(xh)
+    gwb = torch.empty_like(xh) if weight is not None else None
+    for i, j in _chunks(x.shape[0], step):
+        xhc, tc = xh[: j - i], tmp[: j - i]
+        inv = invstd[i:j]
+        torch.sub(x[i:j], mean[i:j], out=xhc)
+        xhc.mul_(inv)
+        gc = gy[i:j]
+        if dw is not None:
+            dw += _sum_to(torch.mul(gc, xhc, out=tc), dw.shape)
+        if dx is None:
+            continue
+        gw = gc if weight is None else torch.mul(gc, weight, out=gwb[: j - i])
+        m2 = torch.mul(gw, xhc, out=tc).mean(stat_dims, keepdim=True)
+        dxc = dx[i:j]
+        torch.mul(xhc, m2, out=dxc)
+        torch.sub(gw, dxc, out=dxc)
+        if centered:
+            dxc.sub_(gw.mean(stat_dims, keepdim=True))
+        dxc.mul_(inv)
+    db = _sum_to(gy, bias.shape) if need_db else None
+    if dw is not None:
+        dw = dw.to(weight.dtype)
+    return dx, dw, db

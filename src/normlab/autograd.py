@@ -33,12 +33,6 @@ from normlab import _kernels as K
 __all__ = ["ColumnNorm", "RowNorm", "norm_backward"]
 
 
-def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
-    """Sum ``t`` over the dims where ``shape`` has size 1 (keepdim), i.e. undo broadcasting."""
-    dims = tuple(d for d, s in enumerate(shape) if s == 1 and t.shape[d] != 1)
-    return t.sum(dims, keepdim=True) if dims else t
-
-
 def norm_backward(
     grad: Tensor,
     x: Tensor,
@@ -72,9 +66,9 @@ def norm_backward(
             inner = inner - gw.mean(stat_dims, keepdim=True)
         dx = invstd * inner
     if affine_shape is not None and need[1]:
-        dw = _sum_to(grad * xhat, affine_shape)
+        dw = K._sum_to(grad * xhat, affine_shape)
     if affine_shape is not None and need[2]:
-        db = _sum_to(grad, affine_shape)
+        db = K._sum_to(grad, affine_shape)
     return dx, dw, db
 
 
@@ -87,11 +81,11 @@ class ColumnNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-        c = x3.shape[1]
         mean, var = K.column_mean_var(x3)  # (C,), (C,)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight
-        y3 = K.centred_affine(x3, _col(mean, c, x3), (_col(scale, c, x3),), _col(bias, c, x3))
+        shift = bias if bias is not None else torch.zeros_like(scale)
+        y3 = K.column_affine(x3, mean, scale, shift)
         ctx.save_for_backward(x3, weight, bias, mean, invstd)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var)
@@ -114,9 +108,7 @@ class ColumnNorm(torch.autograd.Function):
             a = invstd if weight is None else invstd * weight  # weight * invstd, per channel
             k = sum_gc * invstd * invstd / n  # mean(g * xhat) * invstd
             # dx = a * (g - mean(g) - xhat * mean(g * xhat)) = (x - mean) * (-a k) + g * a - a mean(g)
-            dx = K.centred_affine(
-                x3, _col(mean, c, x3), (_col(-a * k, c, x3),), _col(-a * sum_g / n, c, x3), (gy3, _col(a, c, x3))
-            )
+            dx = K.column_affine(x3, mean, -a * k, -a * sum_g / n, gy3, a)
         if weight is not None and need[1]:
             dw = (sum_gc * invstd).to(weight.dtype)
         if bias is not None and need[2]:
@@ -136,14 +128,12 @@ class RowNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight, bias, eps: float, red: int, centered: bool):
         x = x.contiguous()
-        mean, var = K.row_stats(x, red, centered)  # keepdim shapes
+        y, mean, var = K.row_forward(x, red, centered, eps, weight, bias)  # stats keepdim-shaped
         invstd = torch.rsqrt(var + eps)
-        y = _row_output(x, mean, invstd, weight, bias)
-        ctx.save_for_backward(x, weight, bias, mean if mean is not None else invstd.new_zeros(()), invstd)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps, ctx.red, ctx.centered = eps, red, centered
-        out_mean = mean if mean is not None else torch.zeros_like(var)
-        ctx.mark_non_differentiable(out_mean, var)
-        return y, out_mean, var
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
 
     @staticmethod
     def backward(ctx, gy: Tensor, _gmean, _gvar):
@@ -156,52 +146,5 @@ class RowNorm(torch.autograd.Function):
             shape = None if affine is None else affine.shape
             dx, dw, db = norm_backward(gy, x, weight, ctx.eps, stat_dims, centered, need, shape)
             return dx, dw, db, None, None, None
-        gy = gy.contiguous()
-        dx = torch.empty_like(x) if need[0] else None
-        sdt = invstd.dtype
-        dw = torch.zeros(weight.shape, dtype=sdt, device=x.device) if weight is not None and need[1] else None
-        step = K._rows_per_chunk(x)
-        xh = torch.empty((step, *x.shape[1:]), dtype=sdt, device=x.device)
-        tmp = torch.empty_like(xh)
-        gwb = torch.empty_like(xh) if weight is not None else None
-        for i, j in K._chunks(x.shape[0], step):
-            xhc, tc = xh[: j - i], tmp[: j - i]
-            inv = invstd[i:j]
-            if centered:
-                torch.sub(x[i:j], mean[i:j], out=xhc)
-                xhc.mul_(inv)
-            else:
-                torch.mul(x[i:j], inv, out=xhc)
-            gc = gy[i:j]
-            if dw is not None:
-                dw += _sum_to(torch.mul(gc, xhc, out=tc), dw.shape)
-            if dx is None:
-                continue
-            gw = gc if weight is None else torch.mul(gc, weight, out=gwb[: j - i])
-            m2 = torch.mul(gw, xhc, out=tc).mean(stat_dims, keepdim=True)
-            dxc = dx[i:j]
-            torch.mul(xhc, m2, out=dxc)
-            torch.sub(gw, dxc, out=dxc)
-            if centered:
-                dxc.sub_(gw.mean(stat_dims, keepdim=True))
-            dxc.mul_(inv)
-        db = _sum_to(gy, bias.shape) if bias is not None and need[2] else None
-        if dw is not None:
-            dw = dw.to(weight.dtype)
+        dx, dw, db = K.row_backward(gy.contiguous(), x, mean, invstd, weight, bias, red, centered, need)
         return dx, dw, db, None, None, None
-
-
-def _col(t: Tensor | None, c: int, like: Tensor) -> Tensor | None:
-    """A per-channel vector shaped (1, C, 1) in ``like``'s dtype."""
-    return None if t is None else t.view(1, c, 1).to(like.dtype)
-
-
-def _row_output(x: Tensor, mean: Tensor | None, invstd: Tensor, weight, bias) -> Tensor:
-    """``(x - mean) * invstd * weight + bias``, one sweep over ``x``."""
-    scale = invstd if weight is None else invstd * weight
-    if scale.numel() * 8 <= x.numel():
-        # statistics and affine both constant along the last dim (GroupNorm, InstanceNorm):
-        # fold them into one per-(row, channel) factor
-        return K.centred_affine(x, mean, (scale.to(x.dtype),), bias)
-    # the affine varies along the normalised dims (LayerNorm, RMSNorm)
-    return K.centred_affine(x, mean, (invstd.to(x.dtype), weight), bias)

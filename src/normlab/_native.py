@@ -1,0 +1,236 @@
+"""The CPU kernels of ``csrc/norm_kernels.c``: built once per machine, loaded with ctypes.
+
+Tensor-op kernels (``normlab._kernels``) run everywhere; on the CPU, for
+contiguous float32/float64 tensors, these C loops do the same maths in one
+fused pass each, which is what it takes to match PyTorch's own kernels.
+
+The library is compiled on first use with the system C compiler (``$CC``,
+else ``cc``/``gcc``) into ``$NORMLAB_CACHE`` (default ``~/.cache/normlab``),
+keyed by the source, the flags and the machine, and written atomically so
+concurrent processes do not clash. If no compiler is found or the build fails,
+normlab warns once and uses the tensor-op path. ``NORMLAB_NATIVE=0`` turns the
+native path off.
+
+OpenMP: the library links the ``libgomp.so.1`` that PyTorch's CPU build has
+already loaded, so both share one thread pool; the thread count is
+``torch.get_num_threads()``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__: list[str] = []  # private module
+
+_SOURCE = Path(__file__).with_name("csrc") / "norm_kernels.c"
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_MIN_PARALLEL = 1 << 15  # elements below which one thread is faster
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+_i64, _dbl, _int, _ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_int, ctypes.c_void_p
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("NORMLAB_CACHE", Path.home() / ".cache" / "normlab")) / "native"
+
+
+def _cpu_key() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    return platform.machine() + flags
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _build() -> ctypes.CDLL | None:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set $CC or install gcc)")
+    src = _SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join([cc, *_FLAGS]).encode() + _cpu_key().encode()).hexdigest()[:16]
+    out = _cache_dir() / f"norm_kernels-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], check=True, capture_output=True, text=True)
+            os.replace(tmp, out)
+        except subprocess.CalledProcessError as e:
+            raise RuntimeError(f"{cc} failed: {e.stderr.strip()[:500]}") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(out))
+    for sfx in ("f32", "f64"):
+        getattr(lib, f"col_stats_{sfx}").argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _int]
+        getattr(lib, f"col_bwd_sums_{sfx}").argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int]
+        getattr(lib, f"col_affine_{sfx}").argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _int]
+        getattr(lib, f"row_fwd_{sfx}").argtypes = [_ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _dbl, _int, _ptr, _ptr, _int]
+        getattr(lib, f"row_bwd_{sfx}").argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int, _ptr, _ptr, _int]
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them on first use; ``None`` when unavailable or turned off."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            if os.environ.get("NORMLAB_NATIVE", "1") != "0":
+                try:
+                    _lib = _build()
+                except Exception as e:  # no compiler, failed build, unloadable library
+                    warnings.warn(
+                        f"normlab: native CPU kernels unavailable ({e}); using the tensor-op path, which is correct "
+                        "but slower. Install a C compiler, or set NORMLAB_NATIVE=0 to silence this.",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+            _tried = True
+    return _lib
+
+
+def usable(*tensors: Tensor | None) -> bool:
+    """True when the native kernels can take these tensors (CPU, float32/float64, contiguous, one dtype)."""
+    ts = [t for t in tensors if t is not None]
+    dt = ts[0].dtype
+    if dt not in (torch.float32, torch.float64):
+        return False
+    if not all(t.device.type == "cpu" and t.dtype == dt and t.is_contiguous() for t in ts):
+        return False
+    return library() is not None
+
+
+def _sfx(t: Tensor) -> str:
+    return "f32" if t.dtype == torch.float32 else "f64"
+
+
+def _nt(n: int) -> int:
+    return 1 if n < _MIN_PARALLEL else max(1, torch.get_num_threads())
+
+
+def _p(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def column_mean_var(x3: Tensor) -> tuple[Tensor, Tensor]:
+    a, c, b = x3.shape
+    mean = torch.empty(c, dtype=torch.float64)
+    var = torch.empty(c, dtype=torch.float64)
+    getattr(_lib, f"col_stats_{_sfx(x3)}")(_p(x3), a, c, b, _p(mean), _p(var), _nt(x3.numel()))
+    return mean, var
+
+
+def column_sums_for_backward(g3: Tensor, x3: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    a, c, b = x3.shape
+    m = mean.to(torch.float64).contiguous()
+    sg = torch.empty(c, dtype=torch.float64)
+    sgc = torch.empty(c, dtype=torch.float64)
+    getattr(_lib, f"col_bwd_sums_{_sfx(x3)}")(_p(g3), _p(x3), a, c, b, _p(m), _p(sg), _p(sgc), _nt(x3.numel()))
+    return sg, sgc
+
+
+def column_affine(x3: Tensor, centre: Tensor, kx: Tensor, shift: Tensor, g3: Tensor | None = None, kg: Tensor | None = None) -> Tensor:
+    """``(x - centre) * kx + g * kg + shift`` with per-channel (C,) coefficients."""
+    a, c, b = x3.shape
+    dt = x3.dtype
+    vec = [t.to(dt).contiguous() for t in (centre, kx, shift)] + [None if kg is None else kg.to(dt).contiguous()]
+    out = torch.empty_like(x3)
+    getattr(_lib, f"col_affine_{_sfx(x3)}")(
+        _p(x3), _p(g3), _p(out), a, c, b, _p(vec[0]), _p(vec[1]), _p(vec[3]), _p(vec[2]), _nt(x3.numel())
+    )
+    return out
+
+
+def row_layout(x: Tensor, red: int, weight: Tensor | None) -> tuple[int, int, int, int] | None:
+    """(R, K, G, L) for the row kernels, or None when the affine's layout does not fit them.
+
+    ``x`` is (*lead, *red_shape); ``weight`` broadcasts against it with size 1 on
+    dim 0. G counts the distinct affine groups along ``lead[1:]``; L is the run
+    of trailing normalised elements that share one affine value.
+    """
+    lead, red_shape = x.shape[: x.dim() - red], x.shape[x.dim() - red :]
+    r = 1
+    for d in lead:
+        r *= d
+    k = 1
+    for d in red_shape:
+        k *= d
+    if weight is None:
+        return r, k, 1, max(k, 1)
+    ws = weight.shape
+    wl, wr = ws[1 : len(lead)], ws[len(lead) :]
+    if any(d not in (1, full) for d, full in zip(ws, x.shape)):
+        return None
+    if all(d == 1 for d in wl):
+        g = 1
+    elif tuple(wl) == tuple(lead[1:]):
+        g = 1
+        for d in lead[1:]:
+            g *= d
+    else:
+        return None
+    # wr must be (varying..., 1, ..., 1): L is the product of the trailing size-1 run
+    n_one = 0
+    for d in reversed(wr):
+        if d != 1:
+            break
+        n_one += 1
+    varying = wr[: len(wr) - n_one]
+    if any(d == 1 and full != 1 for d, full in zip(varying, red_shape)):
+        return None
+    l = 1
+    for d in red_shape[len(red_shape) - n_one :]:
+        l *= d
+    return r, k, g, l
+
+
+def row_forward(x: Tensor, layout, centered: bool, eps: float, weight: Tensor | None, bias: Tensor | None):
+    r, k, g, l = layout
+    mean = torch.empty(r, dtype=torch.float64)
+    var = torch.empty(r, dtype=torch.float64)
+    y = torch.empty_like(x)
+    w = None if weight is None else weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    getattr(_lib, f"row_fwd_{_sfx(x)}")(
+        _p(x), _p(y), r, k, g, l, _p(w), _p(b), float(eps), int(centered), _p(mean), _p(var), _nt(x.numel())
+    )
+    return y, mean, var
+
+
+def row_backward(g_: Tensor, x: Tensor, layout, weight: Tensor | None, mean: Tensor, rstd: Tensor, centered: bool, need_dx: bool, need_params: bool):
+    r, k, g, l = layout
+    dx = torch.empty_like(x) if need_dx else None
+    p = g * (k // l)
+    dw = torch.empty(p, dtype=torch.float64) if need_params else None
+    db = torch.empty(p, dtype=torch.float64) if need_params else None
+    m = mean.reshape(-1).to(torch.float64).contiguous()
+    rs = rstd.reshape(-1).to(torch.float64).contiguous()
+    w = None if weight is None else weight.contiguous()
+    getattr(_lib, f"row_bwd_{_sfx(x)}")(
+        _p(g_), _p(x), _p(dx), r, k, g, l, _p(w), _p(m), _p(rs), int(centered), _p(dw), _p(db), _nt(x.numel())
+    )
+    return dx, dw, db
