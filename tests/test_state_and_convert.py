@@ -108,7 +108,9 @@ def test_convert_a_bare_norm_layer_and_decay_convention():
     bn = normlab.BatchNorm1d(4, momentum=0.99, momentum_convention="decay")
     t = normlab.convert(bn, to="torch")
     assert type(t) is nn.BatchNorm1d and t.momentum == pytest.approx(0.01)
-    with pytest.raises(ValueError, match="frozen or debiased"):
+    with pytest.raises(ValueError, match="frozen, debiased or biased-variance"):
         normlab.convert(normlab.BatchNorm1d(4, debias=True), to="torch")
+    with pytest.raises(ValueError, match="frozen, debiased or biased-variance"):
+        normlab.convert(normlab.BatchNorm1d(4, unbiased_running_var=False), to="torch")
     with pytest.raises(ValueError, match="'normlab' or 'torch'"):
         normlab.convert(bn, to="jax")

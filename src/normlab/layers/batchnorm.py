@@ -20,6 +20,8 @@ Beyond PyTorch (keyword-only, defaults reproduce PyTorch):
 * ``momentum_convention="decay"`` reads ``momentum`` as Keras/Flax do (0.99 =
   keep 99 % of the old value); ``debias=True`` zero-debiases the EMA
   (Adam-style), so early running statistics are not pulled towards 0 and 1;
+  ``unbiased_running_var=False`` stores the biased batch variance, as Keras
+  and Flax do (``True``, PyTorch's choice, stores ``n / (n - 1)`` times it);
 * a batch whose statistics are not finite does not touch the running
   statistics: the update is skipped, counted in ``num_nonfinite_batches`` (a
   non-persistent buffer, so state dicts stay identical to PyTorch's) and
@@ -63,12 +65,14 @@ class _BatchNormBase(NormBase):
         momentum_convention: str = "torch",
         debias: bool = False,
         frozen: bool = False,
+        unbiased_running_var: bool = True,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         NF.ema_weight(momentum, 1, convention=momentum_convention, debias=debias)  # validate early
         self.momentum_convention = momentum_convention
         self.debias = debias
         self.frozen = frozen
+        self.unbiased_running_var = unbiased_running_var
         self.register_buffer("num_nonfinite_batches", torch.tensor(0, dtype=torch.long, device=device), persistent=False)
 
     def extra_repr(self) -> str:
@@ -79,6 +83,8 @@ class _BatchNormBase(NormBase):
             s += ", debias=True"
         if self.frozen:
             s += ", frozen=True"
+        if not self.unbiased_running_var:
+            s += ", unbiased_running_var=False"
         return s
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -116,7 +122,9 @@ class _BatchNormBase(NormBase):
             self.num_nonfinite_batches.add_((~finite).long())
             step = self.num_batches_tracked.clamp(min=1).to(self.running_mean.dtype)
             weight = NF.ema_weight(self.momentum, step, convention=self.momentum_convention, debias=self.debias)
-            NF.update_running_stats(self.running_mean, self.running_var, mean, var, count, weight)
+            NF.update_running_stats(
+                self.running_mean, self.running_var, mean, var, count, weight, unbiased=self.unbiased_running_var
+            )
         if mean.device.type == "cpu" and not bool(finite):  # on accelerators: counted, not synced
             NF.warn_nonfinite(type(self).__name__)
 
