@@ -6,6 +6,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import normlab
 from normlab import autograd as NA
+from normlab import reference as R
 
 
 @pytest.fixture(autouse=True)
@@ -108,3 +109,31 @@ def test_hessian_vector_product_through_batchnorm_matches_torch():
 
     for a, b in zip(hvp(ours), hvp(ref)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "ours,ref",
+    [
+        (lambda x, w, b: normlab.functional.batch_norm(x, None, None, w, b, True, feature_dim=-1),
+         lambda x, w, b: R.batch_norm(x, w, b, feature_dim=-1)),
+        (lambda x, w, b: normlab.functional.group_norm(x, 1, w[:4], b[:4]), lambda x, w, b: R.group_norm(x, 1, w[:4], b[:4])),
+        (lambda x, w, b: normlab.functional.instance_norm(x, weight=w[:4], bias=b[:4]), lambda x, w, b: R.instance_norm(x, w[:4], b[:4])),
+        (lambda x, w, b: normlab.functional.layer_norm(x, (5,), w, b), lambda x, w, b: R.layer_norm(x, (5,), w, b)),
+        (lambda x, w, b: normlab.functional.rms_norm(x, (5,), w, 1e-5), lambda x, w, b: R.rms_norm(x, (5,), w)),
+    ],
+    ids=["bn-features-last", "gn", "in", "ln", "rms"],
+)
+def test_fast_path_equals_plain_autograd_reference_values_and_second_derivatives(ours, ref):
+    torch.manual_seed(0)
+    x = (torch.randn(3, 4, 5, dtype=torch.float64) * 3 + 1).requires_grad_()
+    w = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    b = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 4, 5, dtype=torch.float64)
+    out = []
+    for f in (ours, ref):
+        y = f(x, w, b)
+        g = torch.autograd.grad((y * v).sum(), (x, w), create_graph=True)
+        hv = torch.autograd.grad(sum((t * t).sum() for t in g), (x, w))  # a second-order quantity
+        out.append((y, *g, *hv))
+    for a, b_ in zip(*out):
+        torch.testing.assert_close(a, b_)
