@@ -58,6 +58,8 @@ def test_make_norm_by_name_class_and_partial():
     assert isinstance(normlab.make_norm("batchnorm", 8), normlab.BatchNorm)
     assert isinstance(normlab.make_norm("BatchNorm", 8), normlab.BatchNorm)
     assert isinstance(normlab.make_norm(normlab.BatchNorm2d, 8), normlab.BatchNorm2d)
+    assert isinstance(normlab.make_norm(nn.BatchNorm2d, 8, feature_dim=1), nn.BatchNorm2d)  # torch classes work too
+    assert normlab.make_norm(normlab.BatchNorm, 8, feature_dim=-1).feature_dim == -1
     gn = normlab.make_norm(functools.partial(normlab.GroupNorm, 4), 8)
     assert isinstance(gn, normlab.GroupNorm) and gn.num_groups == 4
     assert isinstance(normlab.make_norm("none", 8), nn.Identity)

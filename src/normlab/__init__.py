@@ -25,6 +25,10 @@ from normlab.layers import (
     RMSNorm,
 )
 from normlab.registry import make_norm, norm_names, register_norm
+from normlab.layers import BatchRenorm, GhostBatchNorm
+from normlab.distributed import SyncBatchNorm, convert_sync_batchnorm
+from normlab.stats import accumulate_stats, freeze, recalibrate, unfreeze
+from normlab.residual import SkipInit, ScaledStdConv1d, ScaledStdConv2d, WSLinear, adaptive_grad_clip_, fixup_init_
 
 __version__ = "0.1.0"
 
@@ -47,4 +51,18 @@ __all__ = [
     "make_norm",
     "norm_names",
     "register_norm",
+    "BatchRenorm",
+    "GhostBatchNorm",
+    "SyncBatchNorm",
+    "convert_sync_batchnorm",
+    "recalibrate",
+    "freeze",
+    "unfreeze",
+    "accumulate_stats",
+    "SkipInit",
+    "fixup_init_",
+    "ScaledStdConv1d",
+    "ScaledStdConv2d",
+    "WSLinear",
+    "adaptive_grad_clip_",
 ]

@@ -59,6 +59,10 @@ def make_norm(spec: NormSpec, num_features: int, **kw) -> nn.Module:
             raise KeyError(f"unknown norm {spec!r}; known norms: {', '.join(norm_names())}")
         return _REGISTRY[key](num_features, **kw)
     if callable(spec):
+        # a class or partial in torch.nn's style knows only channel-first data: pass feature_dim
+        # on only when it asks for something else (normlab.BatchNorm and LayerNorm-like callables take it)
+        if kw.get("feature_dim", 1) == 1:
+            kw.pop("feature_dim", None)
         return spec(num_features, **kw)
     raise TypeError(f"norm_layer must be a name, a class or a callable, got {type(spec).__name__}")
 
