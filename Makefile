@@ -27,6 +27,8 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/bench_layers.py
+	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/bench_layers.py --tuned-malloc
+	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
