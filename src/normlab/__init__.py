@@ -29,6 +29,7 @@ from normlab.layers import BatchRenorm, GhostBatchNorm
 from normlab.distributed import SyncBatchNorm, convert_sync_batchnorm
 from normlab.stats import accumulate_stats, freeze, recalibrate, unfreeze
 from normlab.residual import SkipInit, ScaledStdConv1d, ScaledStdConv2d, WSLinear, adaptive_grad_clip_, fixup_init_
+from normlab._audit import AuditReport, audit
 
 __version__ = "0.1.0"
 
@@ -65,4 +66,6 @@ __all__ = [
     "ScaledStdConv2d",
     "WSLinear",
     "adaptive_grad_clip_",
+    "audit",
+    "AuditReport",
 ]
