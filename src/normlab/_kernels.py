@@ -109,16 +109,17 @@ def row_forward(
     second pass in cache), then the output is scaled and shifted in place. So
     ``x`` is read from memory once and the output written once.
 
-    Returns ``y`` and the per-row ``mean`` (zeros when not ``centered``) and
-    ``var`` (biased; the mean square when not ``centered``), keepdim-shaped.
+    Returns ``y`` and the per-row ``mean`` (zeros when not ``centered``),
+    ``var`` (biased; the mean square when not ``centered``) and ``invstd``,
+    keepdim-shaped.
     ``weight``/``bias`` broadcast against ``x`` with size 1 on dim 0.
     """
     lead = x.shape[: x.dim() - red]
     keep = (*lead, *([1] * red))
     layout = _native.row_layout(x, red, weight if weight is not None else bias)
     if layout is not None and _native.usable(x, weight, bias):
-        y, mean, var = _native.row_forward(x, layout, centered, eps, weight, bias)
-        return y, mean.to(x.dtype).view(keep), var.to(x.dtype).view(keep)
+        y, mean, var, rstd = _native.row_forward(x, layout, centered, eps, weight, bias)
+        return y, mean.view(keep), var.view(keep), rstd.view(keep)
     k = x[0].numel() // max(1, math.prod(lead[1:])) if x.numel() else 1
     flat = x.view(*lead, -1)  # (R, ..., K)
     sdt = stat_dtype(x.dtype)
@@ -146,7 +147,8 @@ def row_forward(
                 yv.mul_(weight)
         if bias is not None:
             yv.add_(bias)
-    return y, mean.view(keep), var.view(keep)
+    var = var.view(keep)
+    return y, mean.view(keep), var, torch.rsqrt(var + eps)
 
 
 # --------------------------------------------------------------------------- elementwise passes
@@ -190,6 +192,41 @@ def centred_affine(
         if shift is not None:
             o.add_(_rows(shift, i, j))
     return out
+
+
+def column_forward(x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    """BatchNorm forward on (A, C, B): ``(y3, mean, var, invstd)`` with per-channel (C,) statistics."""
+    if _native.usable(x3, weight, bias):
+        return _native.column_forward(x3, weight, bias, eps)
+    mean, var = column_mean_var(x3)
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else invstd * weight
+    shift = bias if bias is not None else torch.zeros_like(scale)
+    return column_affine(x3, mean, scale, shift), mean, var, invstd
+
+
+def column_backward(
+    g3: Tensor, x3: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, need: tuple[bool, bool, bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """BatchNorm backward on (A, C, B): ``(dx, dweight, dbias)``, each ``None`` when not needed.
+
+    With ``a = weight * invstd`` and ``k = mean(g * xhat) * invstd`` per channel,
+    ``dx = a * (g - mean(g) - xhat * mean(g * xhat)) = (x - mean) * (-a k) + g * a - a * mean(g)``;
+    ``dweight = sum(g * xhat)``, ``dbias = sum(g)``.
+    """
+    need = (need[0], need[1] and weight is not None, need[2])
+    if _native.usable(g3, x3, mean, invstd, weight):
+        return _native.column_backward(g3, x3, mean, invstd, weight, need)
+    n = x3.shape[0] * x3.shape[2]
+    sum_g, sum_gc = column_sums_for_backward(g3, x3, mean)  # (C,), (C,)
+    dx = None
+    if need[0]:
+        a = invstd if weight is None else invstd * weight
+        k = sum_gc * invstd * invstd / n
+        dx = column_affine(x3, mean, -a * k, -a * sum_g / n, g3, a)
+    dw = (sum_gc * invstd).to(weight.dtype) if need[1] else None
+    db = sum_g.to(x3.dtype) if need[2] else None
+    return dx, dw, db
 
 
 def column_affine(
@@ -240,9 +277,7 @@ def row_backward(
     layout = _native.row_layout(x, red, affine)
     if layout is not None and _native.usable(gy, x, weight):
         dx, dw, db = _native.row_backward(gy, x, layout, weight, mean, invstd, centered, need[0], need_dw or need_db)
-        dw = dw.to(weight.dtype).view(weight.shape) if need_dw else None
-        db = db.to(bias.dtype).view(bias.shape) if need_db else None
-        return dx, dw, db
+        return dx, dw.view(weight.shape) if need_dw else None, db.view(bias.shape) if need_db else None
     stat_dims = tuple(range(x.dim() - red, x.dim()))
     sdt = invstd.dtype
     dx = torch.empty_like(x) if need[0] else None

@@ -87,7 +87,11 @@ def _build() -> ctypes.CDLL | None:
         getattr(lib, f"col_stats_{sfx}").argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _int]
         getattr(lib, f"col_bwd_sums_{sfx}").argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int]
         getattr(lib, f"col_affine_{sfx}").argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _int]
-        getattr(lib, f"row_fwd_{sfx}").argtypes = [_ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _dbl, _int, _ptr, _ptr, _int]
+        getattr(lib, f"ema_update_{sfx}").argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _dbl, _dbl]
+        getattr(lib, f"ema_update_{sfx}").restype = _int
+        getattr(lib, f"col_forward_{sfx}").argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _dbl, _ptr, _ptr, _ptr, _int]
+        getattr(lib, f"col_backward_{sfx}").argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
+        getattr(lib, f"row_fwd_{sfx}").argtypes = [_ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _dbl, _int, _ptr, _ptr, _ptr, _int]
         getattr(lib, f"row_bwd_{sfx}").argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int, _ptr, _ptr, _int]
     return lib
 
@@ -113,14 +117,22 @@ def library() -> ctypes.CDLL | None:
     return _lib
 
 
+_DTYPES = (torch.float32, torch.float64)
+
+
 def usable(*tensors: Tensor | None) -> bool:
-    """True when the native kernels can take these tensors (CPU, float32/float64, contiguous, one dtype)."""
-    ts = [t for t in tensors if t is not None]
-    dt = ts[0].dtype
-    if dt not in (torch.float32, torch.float64):
+    """True when the native kernels can take these tensors (CPU, float32/float64, contiguous, one dtype).
+
+    Called on every forward and backward: kept to plain attribute checks.
+    """
+    if _tried and _lib is None:
         return False
-    if not all(t.device.type == "cpu" and t.dtype == dt and t.is_contiguous() for t in ts):
+    dt = tensors[0].dtype
+    if dt not in _DTYPES:
         return False
+    for t in tensors:
+        if t is not None and (not t.is_cpu or t.dtype != dt or not t.is_contiguous()):
+            return False
     return library() is not None
 
 
@@ -208,29 +220,59 @@ def row_layout(x: Tensor, red: int, weight: Tensor | None) -> tuple[int, int, in
     return r, k, g, l
 
 
-def row_forward(x: Tensor, layout, centered: bool, eps: float, weight: Tensor | None, bias: Tensor | None):
-    r, k, g, l = layout
-    mean = torch.empty(r, dtype=torch.float64)
-    var = torch.empty(r, dtype=torch.float64)
-    y = torch.empty_like(x)
-    w = None if weight is None else weight.contiguous()
-    b = None if bias is None else bias.contiguous()
-    getattr(_lib, f"row_fwd_{_sfx(x)}")(
-        _p(x), _p(y), r, k, g, l, _p(w), _p(b), float(eps), int(centered), _p(mean), _p(var), _nt(x.numel())
+def ema_update(running_mean, running_var, mean: Tensor, var: Tensor, weight: float, var_scale: float) -> bool:
+    """Blend batch statistics into running buffers in place; False (and no change) when not finite."""
+    return bool(
+        getattr(_lib, f"ema_update_{_sfx(mean)}")(
+            _p(running_mean), _p(running_var), _p(mean), _p(var), mean.numel(), float(weight), float(var_scale)
+        )
     )
-    return y, mean, var
+
+
+def column_forward(x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    """BatchNorm forward on (A, C, B): ``(y3, mean, var, invstd)``, statistics in ``x3``'s dtype."""
+    a, c, b = x3.shape
+    stats = torch.empty((3, c), dtype=x3.dtype)
+    y3 = torch.empty_like(x3)
+    getattr(_lib, f"col_forward_{_sfx(x3)}")(
+        _p(x3), _p(y3), a, c, b, _p(weight), _p(bias), float(eps), _p(stats[0]), _p(stats[1]), _p(stats[2]), _nt(x3.numel())
+    )
+    return y3, stats[0], stats[1], stats[2]
+
+
+def column_backward(g3: Tensor, x3: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, need: tuple[bool, bool, bool]):
+    """BatchNorm backward on (A, C, B): ``(dx, dweight, dbias)``, each ``None`` when not needed."""
+    a, c, b = x3.shape
+    dx = torch.empty_like(x3) if need[0] else None
+    dw = torch.empty(c, dtype=x3.dtype) if need[1] else None
+    db = torch.empty(c, dtype=x3.dtype) if need[2] else None
+    getattr(_lib, f"col_backward_{_sfx(x3)}")(
+        _p(g3), _p(x3), _p(dx), a, c, b, _p(mean), _p(invstd), _p(weight), _p(dw), _p(db), _nt(x3.numel())
+    )
+    return dx, dw, db
+
+
+def row_forward(x: Tensor, layout, centered: bool, eps: float, weight: Tensor | None, bias: Tensor | None):
+    """Row norm forward: ``(y, mean, var, rstd)``, per-row statistics (R,) in ``x``'s dtype."""
+    r, k, g, l = layout
+    stats = torch.empty((3, r), dtype=x.dtype)
+    y = torch.empty_like(x)
+    getattr(_lib, f"row_fwd_{_sfx(x)}")(
+        _p(x), _p(y), r, k, g, l, _p(weight), _p(bias), float(eps), int(centered),
+        _p(stats[0]), _p(stats[1]), _p(stats[2]), _nt(x.numel()),
+    )
+    return y, stats[0], stats[1], stats[2]
 
 
 def row_backward(g_: Tensor, x: Tensor, layout, weight: Tensor | None, mean: Tensor, rstd: Tensor, centered: bool, need_dx: bool, need_params: bool):
+    """Row norm backward: ``dx`` and flat ``dweight``/``dbias`` (G * S,) in ``x``'s dtype."""
     r, k, g, l = layout
     dx = torch.empty_like(x) if need_dx else None
     p = g * (k // l)
-    dw = torch.empty(p, dtype=torch.float64) if need_params else None
-    db = torch.empty(p, dtype=torch.float64) if need_params else None
-    m = mean.reshape(-1).to(torch.float64).contiguous()
-    rs = rstd.reshape(-1).to(torch.float64).contiguous()
-    w = None if weight is None else weight.contiguous()
+    dw = torch.empty(p, dtype=x.dtype) if need_params else None
+    db = torch.empty(p, dtype=x.dtype) if need_params else None
     getattr(_lib, f"row_bwd_{_sfx(x)}")(
-        _p(g_), _p(x), _p(dx), r, k, g, l, _p(w), _p(m), _p(rs), int(centered), _p(dw), _p(db), _nt(x.numel())
+        _p(g_), _p(x), _p(dx), r, k, g, l, _p(weight), _p(mean.contiguous()), _p(rstd.contiguous()), int(centered),
+        _p(dw), _p(db), _nt(x.numel()),
     )
     return dx, dw, db

@@ -81,11 +81,7 @@ class ColumnNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-        mean, var = K.column_mean_var(x3)  # (C,), (C,)
-        invstd = torch.rsqrt(var + eps)
-        scale = invstd if weight is None else invstd * weight
-        shift = bias if bias is not None else torch.zeros_like(scale)
-        y3 = K.column_affine(x3, mean, scale, shift)
+        y3, mean, var, invstd = K.column_forward(x3, weight, bias, eps)  # stats (C,)
         ctx.save_for_backward(x3, weight, bias, mean, invstd)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var)
@@ -100,20 +96,7 @@ class ColumnNorm(torch.autograd.Function):
             w = None if weight is None else weight.view(1, c, 1)
             dx, dw, db = norm_backward(gy3, x3, w, ctx.eps, (0, 2), True, need, (1, c, 1))
             return dx, None if dw is None else dw.view(c), None if db is None else db.view(c), None
-        gy3 = gy3.contiguous()
-        n = x3.shape[0] * x3.shape[2]
-        sum_g, sum_gc = K.column_sums_for_backward(gy3, x3, mean)  # (C,), (C,)
-        dx = dw = db = None
-        if need[0]:
-            a = invstd if weight is None else invstd * weight  # weight * invstd, per channel
-            k = sum_gc * invstd * invstd / n  # mean(g * xhat) * invstd
-            # dx = a * (g - mean(g) - xhat * mean(g * xhat)) = (x - mean) * (-a k) + g * a - a mean(g)
-            dx = K.column_affine(x3, mean, -a * k, -a * sum_g / n, gy3, a)
-        if weight is not None and need[1]:
-            dw = (sum_gc * invstd).to(weight.dtype)
-        if bias is not None and need[2]:
-            db = sum_g.to(bias.dtype)
-        return dx, dw, db, None
+        return (*K.column_backward(gy3.contiguous(), x3, mean, invstd, weight, need), None)
 
 
 class RowNorm(torch.autograd.Function):
@@ -128,8 +111,7 @@ class RowNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight, bias, eps: float, red: int, centered: bool):
         x = x.contiguous()
-        y, mean, var = K.row_forward(x, red, centered, eps, weight, bias)  # stats keepdim-shaped
-        invstd = torch.rsqrt(var + eps)
+        y, mean, var, invstd = K.row_forward(x, red, centered, eps, weight, bias)  # stats keepdim-shaped
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps, ctx.red, ctx.centered = eps, red, centered
         ctx.mark_non_differentiable(mean, var)

@@ -32,6 +32,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from normlab import _native
 from normlab.autograd import ColumnNorm, RowNorm
 
 __all__ = [
@@ -164,13 +165,22 @@ def update_running_stats(
     *,
     unbiased: bool = True,
 ) -> Tensor:
-    """Blend batch statistics into running buffers in place; returns a bool tensor "was finite".
+    """Blend batch statistics into running buffers in place; returns whether the batch was finite.
 
     ``var`` is the biased batch variance over ``count`` values per feature; the
     buffer stores the unbiased one when ``unbiased`` (PyTorch). A batch whose
-    mean or variance is not finite leaves the buffers untouched (no host sync:
-    the choice is made with ``torch.where``).
+    mean or variance is not finite leaves the buffers untouched. On the CPU
+    (plain numbers for ``count`` and ``weight``) this is one compiled call and
+    the result a Python bool; elsewhere it avoids any host sync (the choice is
+    made with ``torch.where``) and the result is a bool tensor.
     """
+    if (
+        not isinstance(weight, Tensor)
+        and not isinstance(count, Tensor)
+        and _native.usable(mean.detach(), var.detach(), running_mean, running_var)
+    ):
+        scale = count / (count - 1) if unbiased and count > 1 else 1.0
+        return _native.ema_update(running_mean, running_var, mean.detach(), var.detach(), weight, scale)
     with torch.no_grad():
         mean = mean.detach()
         var = var.detach()

@@ -183,9 +183,62 @@ void col_affine_##SFX(const T *x, const T *g, T *out, i64 A, i64 C, i64 B, const
     }                                                                                                   \
 }                                                                                                       \
                                                                                                         \
+/* BatchNorm forward in one call: statistics, then y = (x - mean) * invstd * w + b */                   \
+void col_forward_##SFX(const T *x, T *y, i64 A, i64 C, i64 B, const T *w, const T *bias, double eps,     \
+                       T *mean, T *var, T *invstd, int nt) {                                            \
+    double *m = malloc(sizeof(double) * 2 * C), *v = m + C;                                             \
+    T *co = malloc(sizeof(T) * 2 * C), *kx = co, *sh = co + C;                                          \
+    col_stats_##SFX(x, A, C, B, m, v, nt);                                                              \
+    for (i64 c = 0; c < C; ++c) {                                                                       \
+        const double inv = 1.0 / sqrt(v[c] + eps);                                                      \
+        mean[c] = (T)m[c];                                                                              \
+        var[c] = (T)v[c];                                                                               \
+        invstd[c] = (T)inv;                                                                             \
+        kx[c] = (T)(w ? inv * (double)w[c] : inv);                                                      \
+        sh[c] = bias ? bias[c] : (T)0;                                                                  \
+    }                                                                                                   \
+    col_affine_##SFX(x, NULL, y, A, C, B, mean, kx, NULL, sh, nt);                                      \
+    free(m);                                                                                            \
+    free(co);                                                                                           \
+}                                                                                                       \
+                                                                                                        \
+/* BatchNorm backward in one call: dx = a (g - mean(g) - xhat mean(g xhat)), dw = sum(g xhat), db = sum(g) */ \
+void col_backward_##SFX(const T *g, const T *x, T *dx, i64 A, i64 C, i64 B, const T *mean,              \
+                        const T *invstd, const T *w, T *dw, T *db, int nt) {                            \
+    double *md = malloc(sizeof(double) * 3 * C), *sg = md + C, *sgc = md + 2 * C;                       \
+    T *co = malloc(sizeof(T) * 3 * C), *kx = co, *kg = co + C, *sh = co + 2 * C;                        \
+    for (i64 c = 0; c < C; ++c) md[c] = (double)mean[c];                                                \
+    col_bwd_sums_##SFX(g, x, A, C, B, md, sg, sgc, nt);                                                 \
+    const double n = (double)A * (double)B;                                                             \
+    for (i64 c = 0; c < C; ++c) {                                                                       \
+        const double inv = (double)invstd[c], a = w ? inv * (double)w[c] : inv;                         \
+        const double k = sgc[c] * inv * inv / n;                                                        \
+        kx[c] = (T)(-a * k);                                                                            \
+        kg[c] = (T)a;                                                                                   \
+        sh[c] = (T)(-a * sg[c] / n);                                                                    \
+        if (dw) dw[c] = (T)(sgc[c] * inv);                                                              \
+        if (db) db[c] = (T)sg[c];                                                                       \
+    }                                                                                                   \
+    if (dx) col_affine_##SFX(x, g, dx, A, C, B, mean, kx, kg, sh, nt);                                  \
+    free(md);                                                                                           \
+    free(co);                                                                                           \
+}                                                                                                       \
+                                                                                                        \
+/* running = (1 - w) * running + w * batch (var scaled by var_scale first); nothing changes and 0 is      \
+ * returned when any batch statistic is not finite */                                                  \
+int ema_update_##SFX(T *rm, T *rv, const T *mean, const T *var, i64 C, double w, double var_scale) {     \
+    for (i64 c = 0; c < C; ++c)                                                                         \
+        if (!isfinite((double)mean[c]) || !isfinite((double)var[c])) return 0;                          \
+    for (i64 c = 0; c < C; ++c) {                                                                       \
+        if (rm) rm[c] = (T)((1.0 - w) * (double)rm[c] + w * (double)mean[c]);                           \
+        if (rv) rv[c] = (T)((1.0 - w) * (double)rv[c] + w * (double)var[c] * var_scale);                \
+    }                                                                                                   \
+    return 1;                                                                                           \
+}                                                                                                       \
+                                                                                                        \
 /* row forward: y, mean[R] (0 if !centered), var[R] (mean square if !centered) */                       \
 void row_fwd_##SFX(const T *x, T *y, i64 R, i64 K, i64 G, i64 L, const T *w, const T *bias,            \
-                   double eps, int centered, double *mean, double *var, int nt) {                       \
+                   double eps, int centered, T *mean, T *var, T *rstd, int nt) {                        \
     const i64 S = K / L;                                                                                \
     _Pragma("omp parallel for num_threads(nt) schedule(static)")                                        \
     for (i64 r = 0; r < R; ++r) {                                                                       \
@@ -200,9 +253,10 @@ void row_fwd_##SFX(const T *x, T *y, i64 R, i64 K, i64 G, i64 L, const T *w, con
         _Pragma("omp simd reduction(+:v)")                                                              \
         for (i64 k = 0; k < K; ++k) { double d = (double)xr[k] - m; v += d * d; }                       \
         v /= (double)K;                                                                                 \
-        mean[r] = m;                                                                                    \
-        var[r] = v;                                                                                     \
         const T mt = (T)m, rs = (T)(1.0 / sqrt(v + eps));                                               \
+        mean[r] = mt;                                                                                   \
+        var[r] = (T)v;                                                                                  \
+        rstd[r] = rs;                                                                                   \
         if (L == 1) {                                                                                   \
             const T *wr = w ? w + (r % G) * S : NULL, *br = bias ? bias + (r % G) * S : NULL;           \
             if (wr && br) {                                                                             \
@@ -230,7 +284,7 @@ void row_fwd_##SFX(const T *x, T *y, i64 R, i64 K, i64 G, i64 L, const T *w, con
                                                                                                         \
 /* row backward: dx (if dx), and dw / db (P = G * S parameters) accumulated over rows */               \
 void row_bwd_##SFX(const T *g, const T *x, T *dx, i64 R, i64 K, i64 G, i64 L, const T *w,              \
-                   const double *mean, const double *rstd, int centered, double *dw, double *db, int nt) { \
+                   const T *mean, const T *rstd, int centered, T *dw, T *db, int nt) {                  \
     const i64 S = K / L, P = G * S;                                                                     \
     double *part = (dw || db) ? calloc((size_t)nt * 2 * P, sizeof(double)) : NULL;                     \
     _Pragma("omp parallel num_threads(nt)")                                                             \
@@ -239,7 +293,7 @@ void row_bwd_##SFX(const T *g, const T *x, T *dx, i64 R, i64 K, i64 G, i64 L, co
         _Pragma("omp for schedule(static)")                                                             \
         for (i64 r = 0; r < R; ++r) {                                                                   \
             const T *xr = x + r * K, *gr = g + r * K;                                                   \
-            const double m = mean[r], rs = rstd[r];                                                     \
+            const double m = (double)mean[r], rs = (double)rstd[r];                                     \
             const i64 base = (r % G) * S;                                                               \
             double a1 = 0.0, a2 = 0.0; /* sum(gw), sum(gw * xhat) */                                    \
             if (L == 1) {                                                                               \
@@ -296,8 +350,8 @@ void row_bwd_##SFX(const T *g, const T *x, T *dx, i64 R, i64 K, i64 G, i64 L, co
         for (i64 j = 0; j < P; ++j) {                                                                   \
             double sw = 0.0, sb = 0.0;                                                                  \
             for (int t = 0; t < nt; ++t) { sw += part[(i64)t * 2 * P + j]; sb += part[(i64)t * 2 * P + P + j]; } \
-            if (dw) dw[j] = sw;                                                                         \
-            if (db) db[j] = sb;                                                                         \
+            if (dw) dw[j] = (T)sw;                                                                      \
+            if (db) db[j] = (T)sb;                                                                      \
         }                                                                                               \
         free(part);                                                                                     \
     }                                                                                                   \

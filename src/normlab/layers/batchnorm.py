@@ -116,17 +116,28 @@ class _BatchNormBase(NormBase):
         return y
 
     def _update(self, mean: Tensor, var: Tensor, count) -> None:
+        """Blend the batch statistics into the running ones; a non-finite batch is skipped and counted."""
+        kw = {"convention": self.momentum_convention, "debias": self.debias}
         with torch.no_grad():
+            if mean.device.type == "cpu":  # host numbers: one compiled update, no tensor bookkeeping
+                step = int(self.num_batches_tracked) + 1
+                weight = NF.ema_weight(self.momentum, step, **kw)
+                finite = NF.update_running_stats(
+                    self.running_mean, self.running_var, mean, var, count, weight, unbiased=self.unbiased_running_var
+                )
+                (self.num_batches_tracked if finite else self.num_nonfinite_batches).add_(1)
+                if not finite:
+                    NF.warn_nonfinite(type(self).__name__)
+                return
+            # on accelerators: no host sync; the skip is decided by torch.where and counted, not warned about
             finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
             self.num_batches_tracked.add_(finite.long())
             self.num_nonfinite_batches.add_((~finite).long())
             step = self.num_batches_tracked.clamp(min=1).to(self.running_mean.dtype)
-            weight = NF.ema_weight(self.momentum, step, convention=self.momentum_convention, debias=self.debias)
+            weight = NF.ema_weight(self.momentum, step, **kw)
             NF.update_running_stats(
                 self.running_mean, self.running_var, mean, var, count, weight, unbiased=self.unbiased_running_var
             )
-        if mean.device.type == "cpu" and not bool(finite):  # on accelerators: counted, not synced
-            NF.warn_nonfinite(type(self).__name__)
 
 
 class BatchNorm(_BatchNormBase):
