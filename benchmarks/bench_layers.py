@@ -7,8 +7,8 @@ gradient, interleaved (ours, theirs, ours, ...) so drifts in machine load hit
 both; the time is the median over the repetitions. "ratio" is normlab / torch:
 below 1.0 normlab is faster. Peak memory is the largest amount of tensor memory
 alive at once during one forward+backward beyond the input and upstream
-gradient (allocations minus frees in time order, from PyTorch's profiler with
-profile_memory=True); "saved" is what each keeps for the backward beyond the
+gradient (allocations minus frees in time order, each op's counted at its end,
+from PyTorch's profiler with profile_memory=True); "saved" is what each keeps for the backward beyond the
 input itself.
 """
 
@@ -62,8 +62,10 @@ def _peak_and_saved(mod, x, g):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             _step(mod, x, g)
-    live = peak = 0  # bytes allocated minus freed, in time order: its maximum is the peak
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+    # bytes allocated minus freed, in time order: its maximum is the peak. Each op's own (self)
+    # allocations and frees are counted when it ends, so nested ops cannot hide a peak
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.end):
         live += e.self_cpu_memory_usage
         peak = max(peak, live)
     x_bytes = x.untyped_storage().nbytes()
