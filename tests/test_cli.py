@@ -146,3 +146,14 @@ def test_demo_falls_back_to_the_example_and_prints_where_figures_are(tmp_path, c
     out = capsys.readouterr().out
     assert "running 'smoke-example'" in out and "smoke-example [smoke]:" in out
     assert "figure: " in out and (tmp_path / "smoke-example" / "verdict.json").is_file()
+
+
+def test_report_and_audit_are_handed_to_their_own_parsers(tmp_path, capsys):
+    from normlab.cli import main
+
+    assert main(["report", "--root", str(tmp_path / "missing")]) == 2  # one-line error from report_main
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing" in err[0]
+    assert main(["audit", "no_such_file.py:build"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_such_file.py" in err[0]

@@ -233,3 +233,18 @@ def test_example_experiment_is_registered_but_not_a_claim():
     names = base.experiment_names()
     assert "smoke-example" in names
     assert "smoke-example" not in base.experiment_names(include_examples=False)
+
+
+def test_runs_made_by_other_source_code_are_flagged_not_silently_reused(toy, tmp_path):
+    from normlab.runs import source_hash
+
+    res = run_experiment("test-toy", scale="smoke", root=tmp_path, progress=False)
+    assert json.loads(res.verdict_path.read_text())["stale_runs"] == 0
+    env_file = res.folder / res.rows[0]["run_id"] / "env.json"
+    env = json.loads(env_file.read_text())
+    assert env["source_hash"] == source_hash()
+    env["source_hash"] = "0123456789ab"  # as if an older normlab had made this run
+    env_file.write_text(json.dumps(env))
+    with pytest.warns(RuntimeWarning, match="1 of 4 stored runs were made by other normlab source code"):
+        res = run_experiment("test-toy", scale="smoke", root=tmp_path, progress=False)
+    assert json.loads(res.verdict_path.read_text())["stale_runs"] == 1

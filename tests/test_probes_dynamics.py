@@ -109,7 +109,7 @@ def test_gradient_norms_per_layer():
 
 
 def test_noisy_batchnorm_moments_match_the_configured_noise():
-    from normlab.probes.noisy import NoisyBatchNorm
+    from normlab.layers.noisy import NoisyBatchNorm
 
     torch.manual_seed(0)
     k, m, s = 1.5, 0.4, 0.3
@@ -134,7 +134,7 @@ def test_noisy_batchnorm_moments_match_the_configured_noise():
 
 
 def test_noisy_batchnorm_is_bn_in_eval_without_noise_and_keeps_clean_running_stats():
-    from normlab.probes.noisy import NoisyBatchNorm
+    from normlab.layers.noisy import NoisyBatchNorm
 
     x = torch.randn(32, 4, 5, dtype=F64) + 1
     ref = normlab.BatchNorm1d(4).double()
@@ -152,7 +152,6 @@ def test_noisy_batchnorm_is_bn_in_eval_without_noise_and_keeps_clean_running_sta
 
 
 def test_noisy_batchnorm_is_registered_and_redraws_every_step():
-    import normlab.probes.noisy  # noqa: F401  registers the name
 
     assert "noisybatchnorm" in normlab.norm_names()
     bn = normlab.make_norm("noisybatchnorm", 6, feature_dim=-1, strength=0.5)
@@ -168,7 +167,7 @@ def test_noisy_batchnorm_is_registered_and_redraws_every_step():
 
 
 def test_noisy_batchnorm_is_twice_differentiable_for_a_fixed_noise_draw():
-    from normlab.probes.noisy import NoisyBatchNorm
+    from normlab.layers.noisy import NoisyBatchNorm
 
     bn = NoisyBatchNorm(3, after_affine=True).double()
     with torch.no_grad():

@@ -25,7 +25,7 @@ from normlab.layers import (
     RMSNorm,
 )
 from normlab.registry import make_norm, norm_names, register_norm
-from normlab.layers import BatchRenorm, GhostBatchNorm
+from normlab.layers import BatchRenorm, GhostBatchNorm, NoisyBatchNorm
 from normlab.distributed import SyncBatchNorm, convert_sync_batchnorm
 from normlab.stats import accumulate_stats, freeze, recalibrate, unfreeze
 from normlab.residual import SkipInit, ScaledStdConv1d, ScaledStdConv2d, WSLinear, adaptive_grad_clip_, fixup_init_
@@ -54,6 +54,7 @@ __all__ = [
     "register_norm",
     "BatchRenorm",
     "GhostBatchNorm",
+    "NoisyBatchNorm",
     "SyncBatchNorm",
     "convert_sync_batchnorm",
     "recalibrate",

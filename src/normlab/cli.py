@@ -6,7 +6,9 @@
     normlab run EXPERIMENT [--scale smoke|quick|full] [--seeds N] [--set key=value ...] [--device D] [--root runs]
     normlab show RUN_DIR_OR_ID                     a run (config, environment, results) or an experiment's verdict
     normlab train --set key=value ...              one training run (normlab.train.TrainConfig), stored
-    normlab demo                                   the headline experiments at quick scale; prints where the figures are
+    normlab demo                                   the headline experiments at quick scale, then the report
+    normlab report [--root runs] [--out PATH]      the HTML report (and report.md) from the run store alone
+    normlab audit PATH_OR_MODULE:FACTORY [...]      normalisation pitfalls in any model (see normlab audit --help)
 
 Every command has ``--help``. A bad key, value or name exits with status 2
 and one line on stderr naming the valid choices (no traceback).
@@ -15,6 +17,7 @@ and one line on stderr naming the valid choices (no traceback).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import sys
@@ -23,7 +26,7 @@ from typing import Any, Sequence
 
 __all__ = ["main", "build_parser", "HEADLINE_CLAIMS"]
 
-HEADLINE_CLAIMS = ("C1", "C9")  # what `normlab demo` runs, when registered
+HEADLINE_CLAIMS = ("C1", "C4")  # what `normlab demo` runs: one training claim, one probe claim
 _FALLBACK_DEMO = "smoke-example"
 
 
@@ -89,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:<i> | mps (default: the config's)")
     s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
+    for name, (_, _, text) in _DELEGATED.items():
+        d = sub.add_parser(name, help=text, add_help=False)
+        d.add_argument("args", nargs=argparse.REMAINDER)
     s = sub.add_parser(
         "demo",
         help="run the headline experiments at quick scale and say where the figures are",
@@ -309,7 +315,17 @@ def cmd_demo(args) -> int:
         _print_verdict(result)
         results.append(result)
     print(f"figures and verdicts are under {Path(args.root).resolve()}/<experiment>/ (figures/*.png, verdict.json)")
+    from normlab.report import build_report
+
+    print(f"report: {build_report(args.root)}")
     return 0
+
+
+# commands with parsers of their own: `normlab report ...` and `normlab audit ...` are handed over whole
+_DELEGATED = {
+    "report": ("normlab.report", "report_main", "build the HTML report from the run store (see normlab report --help)"),
+    "audit": ("normlab._audit", "audit_main", "find normalisation pitfalls in a model (see normlab audit --help)"),
+}
 
 
 _COMMANDS = {"list": cmd_list, "run": cmd_run, "show": cmd_show, "train": cmd_train, "demo": cmd_demo}
@@ -319,6 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: returns the exit status (0 ok, 2 for a usage error)."""
     from normlab.train import ConfigError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATED:
+        module, func, _ = _DELEGATED[argv[0]]
+        return getattr(importlib.import_module(module), func)(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -51,6 +51,7 @@ __all__ = [
     "read_json",
     "environment",
     "git_revision",
+    "source_hash",
     "scalars",
     "flatten",
     "load_table",
@@ -143,6 +144,28 @@ def git_revision(path: str | os.PathLike | None = None) -> str | None:
     return _GIT[where]
 
 
+_SOURCE_HASH: str | None = None
+
+
+def source_hash() -> str:
+    """A short hash of normlab's own source files (``*.py`` and ``*.c`` under the package).
+
+    Stored with every run so that runs made by different code are told apart
+    even when the git revision is not (uncommitted or untracked changes).
+    """
+    global _SOURCE_HASH
+    if _SOURCE_HASH is None:
+        import hashlib
+
+        pkg = Path(__file__).resolve().parent
+        h = hashlib.sha256()
+        for f in sorted(p for p in pkg.rglob("*") if p.suffix in (".py", ".c") and "__pycache__" not in p.parts):
+            h.update(str(f.relative_to(pkg)).encode())
+            h.update(f.read_bytes())
+        _SOURCE_HASH = h.hexdigest()[:12]
+    return _SOURCE_HASH
+
+
 def environment(*, device: str | None = None, seed: int | None = None, threads: int | None = None) -> dict[str, Any]:
     """What a run ran on: versions, device, threads, seed, git revision, host and time (UTC, ISO 8601)."""
     import numpy
@@ -165,6 +188,7 @@ def environment(*, device: str | None = None, seed: int | None = None, threads: 
         "threads": threads if threads is not None else torch.get_num_threads(),
         "seed": seed,
         "git_revision": git_revision(),
+        "source_hash": source_hash(),
         "hostname": socket.gethostname(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "argv": list(sys.argv),

@@ -40,11 +40,12 @@ import pkgutil
 import re
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from normlab.runs import RunStore, environment, git_revision, sweep, write_json_atomic
+from normlab.runs import RunStore, environment, git_revision, source_hash, sweep, write_json_atomic
 from normlab.train import ConfigError, TrainConfig, parse_overrides
 
 __all__ = [
@@ -523,6 +524,20 @@ def analyse_stored(
     return verdict, rows, figures
 
 
+def _stale_runs(runs) -> list:
+    """The stored runs whose recorded source hash differs from this code's (runs without one count as stale)."""
+    current = source_hash()
+    stale = []
+    for r in runs:
+        try:
+            env = r.env()
+        except (OSError, ValueError):
+            continue
+        if env.get("source_hash") != current:
+            stale.append(r)
+    return stale
+
+
 def run_experiment(
     name: str,
     scale: str = "quick",
@@ -554,12 +569,21 @@ def run_experiment(
         return exp.run_one(run)
 
     def env_fn(run_config: dict[str, Any]) -> dict[str, Any]:
-        env = environment(device=device, seed=run_config["seed"])
+        env = environment(device=device, seed=run_config["seed"], threads=run_config.get("threads"))
         env.update(experiment=exp.name, claim=exp.claim, scale=scale)
         return env
 
     desc = f"{exp.claim or ''} {exp.name}".strip()
     report = sweep(store, exp.name, configs, run_fn, env_fn=env_fn, progress=progress, desc=desc)
+    stale = _stale_runs(report.runs)
+    if stale:
+        warnings.warn(
+            f"{exp.name}: {len(stale)} of {len(report.runs)} stored runs were made by other normlab source code "
+            f"(source hash differs from {source_hash()}); their numbers may not be what this code gives. "
+            f"Delete {folder} (or those run folders) to run them again.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     rows = report.rows(with_metrics=True)
     verdict = exp.call_analyse(rows, cfg)
     figures = exp.call_plot(rows, folder / "figures", cfg)
@@ -579,6 +603,8 @@ def run_experiment(
             "figures": [str(Path(p).relative_to(folder)) if Path(p).is_relative_to(folder) else str(p) for p in figures],
             "command": _command(exp.name, scale, seeds, overrides),
             "git_revision": git_revision(),
+            "source_hash": source_hash(),
+            "stale_runs": len(stale),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     )

@@ -3,7 +3,7 @@
 A deep ReLU MLP (``build_model("mlp")``: ``depth`` hidden layers of ``width``
 units, Linear -> norm -> ReLU, He init) is trained with SGD + momentum 0.9 in
 these *arms*: no norm, BatchNorm, and *noisy BN* (``"noisybatchnorm"``,
-:class:`normlab.probes.noisy.NoisyBatchNorm`) at each noise strength ``k``
+:class:`normlab.layers.noisy.NoisyBatchNorm`) at each noise strength ``k``
 in ``noise_strengths``. Noisy BN standardises like BN, then per step and per
 channel draws a shift ``mu_c ~ U(0, 2 k m)`` and a scale ``sigma_c ~ U(0, 2 k
 s)`` (``m = noise_mean``, ``s = noise_std``) and gives every element
@@ -157,8 +157,6 @@ def _grid(cfg: ICSConfig):
 
 def _run_one(run: Run) -> dict[str, Any]:
     import torch.nn.functional as F
-
-    import normlab.probes.noisy  # noqa: F401  (registers "noisybatchnorm")
     from normlab.data import load_dataset
     from normlab.probes import distribution_shift, input_moments, internal_covariate_shift
     from normlab.train import train

@@ -7,6 +7,7 @@ from normlab.layers.layernorm import LayerNorm, RMSNorm
 # last: these register themselves in normlab.registry, which imports the layers above
 from normlab.layers.renorm import BatchRenorm  # noqa: E402
 from normlab.layers.ghost import GhostBatchNorm  # noqa: E402
+from normlab.layers.noisy import NoisyBatchNorm  # noqa: E402
 
 __all__ = [
     "NormBase",
@@ -23,4 +24,5 @@ __all__ = [
     "InstanceNorm3d",
     "BatchRenorm",
     "GhostBatchNorm",
+    "NoisyBatchNorm",
 ]

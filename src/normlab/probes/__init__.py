@@ -26,11 +26,11 @@ probe                                   measures                                
 :class:`NoisyBatchNorm`                 BN + injected time-varying noise ("noisybatchnorm")      C15
 =====================================  =======================================================  ==============
 
-``NoisyBatchNorm`` lives in :mod:`normlab.probes.noisy`, imported (and its
-registry name ``"noisybatchnorm"`` registered) on first access of
-``normlab.probes.NoisyBatchNorm`` or by ``import normlab.probes.noisy``.
+``NoisyBatchNorm`` lives with the layers (:mod:`normlab.layers.noisy`,
+registered as ``"noisybatchnorm"``) and is re-exported here.
 """
 
+from normlab.layers.noisy import NoisyBatchNorm
 from normlab.probes.activations import (
     BlockStats,
     ChannelStats,
@@ -122,11 +122,3 @@ __all__ = [
     "gradient_norms",
     "NoisyBatchNorm",
 ]
-
-
-def __getattr__(name: str):
-    if name == "NoisyBatchNorm":  # imported lazily: importing it registers "noisybatchnorm"
-        from normlab.probes.noisy import NoisyBatchNorm
-
-        return NoisyBatchNorm
-    raise AttributeError(f"module 'normlab.probes' has no attribute {name!r}")

@@ -28,8 +28,8 @@ BatchNorm. The noise comes from the global torch RNG, like dropout, so
 seeding torch seeds it. The layer is random by design: sweeps that
 gradcheck every registered norm in train mode must skip it (``stochastic = True``).
 
-Registered as ``"noisybatchnorm"`` when this module is imported
-(``import normlab.probes.noisy``, or first use of ``normlab.probes.NoisyBatchNorm``).
+Registered as ``"noisybatchnorm"`` (with ``import normlab``). Lives with the
+layers; the C15 experiment and the probes use it by name.
 """
 
 from __future__ import annotations
