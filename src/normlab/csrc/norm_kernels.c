@@ -36,34 +36,37 @@ typedef int64_t i64;
  * formula over the whole tensor. */                                                                   \
 void col_stats_##SFX(const T *x, i64 A, i64 C, i64 B, double *mean, double *var, int nt) {              \
     double *part = calloc((size_t)nt * 3 * C, sizeof(double)); /* per thread: n, mean, M2 */           \
-    const i64 rows_per_block = B == 1 ? (C >= 32768 ? 1 : 32768 / C) : 1; /* ~128-256 KiB: in L2 */ \
+    const i64 rpb = C >= 32768 ? 1 : 32768 / C, rows_per_block = B == 1 ? (rpb > 256 ? 256 : rpb) : 1; \
     const i64 nblocks = B == 1 ? (A + rows_per_block - 1) / rows_per_block : A * C;                     \
     _Pragma("omp parallel num_threads(nt)")                                                             \
     {                                                                                                   \
         double *pn = part + (i64)THREAD_ID * 3 * C, *pm = pn + C, *pq = pm + C;                         \
-        double *bs = B == 1 ? malloc(sizeof(double) * 2 * C) : NULL, *bq = bs ? bs + C : NULL;          \
+        /* B == 1: a block's sums are short (<= 256 rows), so they run in T (a full SIMD width), and      \
+         * the blocks are merged in double */                                                           \
+        T *bs = B == 1 ? malloc(sizeof(T) * 2 * C) : NULL, *bq = bs ? bs + C : NULL;                    \
         _Pragma("omp for schedule(static)")                                                             \
         for (i64 blk = 0; blk < nblocks; ++blk) {                                                       \
             if (B == 1) {                                                                               \
                 const i64 a0 = blk * rows_per_block;                                                    \
                 const i64 a1 = a0 + rows_per_block < A ? a0 + rows_per_block : A;                       \
                 const double nb = (double)(a1 - a0);                                                    \
-                memset(bs, 0, sizeof(double) * 2 * C);                                                  \
+                const T inv_nb = (T)(1.0 / nb);                                                         \
+                memset(bs, 0, sizeof(T) * 2 * C);                                                       \
                 for (i64 a = a0; a < a1; ++a) {                                                         \
                     const T *xa = x + a * C;                                                            \
                     _Pragma("omp simd")                                                                 \
-                    for (i64 c = 0; c < C; ++c) bs[c] += (double)xa[c];                                 \
+                    for (i64 c = 0; c < C; ++c) bs[c] += xa[c];                                         \
                 }                                                                                       \
                 _Pragma("omp simd")                                                                     \
-                for (i64 c = 0; c < C; ++c) bs[c] /= nb;                                                \
+                for (i64 c = 0; c < C; ++c) bs[c] *= inv_nb;                                            \
                 for (i64 a = a0; a < a1; ++a) {                                                         \
                     const T *xa = x + a * C;                                                            \
                     _Pragma("omp simd")                                                                 \
-                    for (i64 c = 0; c < C; ++c) { double d = (double)xa[c] - bs[c]; bq[c] += d * d; }   \
+                    for (i64 c = 0; c < C; ++c) { const T d = xa[c] - bs[c]; bq[c] += d * d; }          \
                 }                                                                                       \
                 for (i64 c = 0; c < C; ++c) {                                                           \
-                    const double n = pn[c] + nb, delta = bs[c] - pm[c];                                 \
-                    pq[c] += bq[c] + delta * delta * pn[c] * nb / n;                                    \
+                    const double n = pn[c] + nb, delta = (double)bs[c] - pm[c];                         \
+                    pq[c] += (double)bq[c] + delta * delta * pn[c] * nb / n;                            \
                     pm[c] += delta * nb / n;                                                            \
                     pn[c] = n;                                                                          \
                 }                                                                                       \
