@@ -4,11 +4,17 @@
 
     normlab list                                   experiments, datasets, models, norms
     normlab run EXPERIMENT [--scale smoke|quick|full] [--seeds N] [--set key=value ...] [--device D] [--root runs]
+                [--executor sequential|local|ray] [--workers N] [--ray-address ADDR] [--nproc N]
     normlab show RUN_DIR_OR_ID                     a run (config, environment, results) or an experiment's verdict
-    normlab train --set key=value ...              one training run (normlab.train.TrainConfig), stored
+    normlab train --set key=value ... [--nproc N]  one training run (normlab.train.TrainConfig), stored
     normlab demo                                   the headline experiments at quick scale, then the report
     normlab report [--root runs] [--out PATH]      the HTML report (and report.md) from the run store alone
     normlab audit PATH_OR_MODULE:FACTORY [...]      normalisation pitfalls in any model (see normlab audit --help)
+
+``--nproc N`` trains each model with DistributedDataParallel in N local
+processes (what ``torchrun --standalone --nproc-per-node N -m normlab ...``
+does; see :mod:`normlab.launch`); ``--executor local|ray`` runs the runs of a
+sweep in a process pool or on Ray (see :func:`normlab.runs.sweep`).
 
 Every command has ``--help``. A bad key, value or name exits with status 2
 and one line on stderr naming the valid choices (no traceback).
@@ -67,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a field of the experiment's config (repeatable)",
     )
     common(s)
+    s.add_argument(
+        "--executor", choices=("sequential", "local", "ray"), default="sequential",
+        help="where the runs run: one after the other here (default), a local process pool, or Ray",
+    )
+    s.add_argument("--workers", type=_positive_int, default=None,
+                   help="processes of the local pool (default: CPU count) or CPUs of a Ray instance started here")
+    s.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster to join, e.g. auto or ray://host:10001 (default: start a local instance)")
+    _nproc_arg(s)
 
     s = sub.add_parser(
         "show",
@@ -91,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", default="runs", help="run store folder (default: runs)")
     s.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:<i> | mps (default: the config's)")
     s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _nproc_arg(s)
 
     for name, (_, _, text) in _DELEGATED.items():
         d = sub.add_parser(name, help=text, add_help=False)
@@ -103,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", choices=("smoke", "quick", "full"), default="quick", help="default: quick")
     common(s)
     return p
+
+
+def _nproc_arg(sp) -> None:
+    sp.add_argument(
+        "--nproc", type=_positive_int, default=1, metavar="N",
+        help="train each model with DDP in N local processes (gloo on CPU, nccl on CUDA; default: 1)",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -169,9 +192,26 @@ def _print_verdict(result) -> None:
         print(f"  figure: {f}")
 
 
+def _check_executor(args) -> None:
+    if args.workers is not None and args.executor == "sequential":
+        raise _UsageError("--workers needs --executor local or --executor ray")
+    if args.ray_address is not None and args.executor != "ray":
+        raise _UsageError("--ray-address needs --executor ray")
+    if args.nproc > 1 and args.executor != "sequential":
+        raise _UsageError("--nproc (one model on several processes) cannot be combined with --executor local/ray")
+    if args.executor == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            msg = "--executor ray needs Ray: pip install 'normlab[dist]' (or pip install 'ray>=2')"
+            raise _UsageError(msg) from None
+
+
 def cmd_run(args) -> int:
+    from normlab import launch
     from normlab.experiments import run_experiment
 
+    _check_executor(args)
     result = run_experiment(
         args.experiment,
         scale=args.scale,
@@ -180,8 +220,12 @@ def cmd_run(args) -> int:
         device=args.device,
         root=args.root,
         progress=args.progress,
+        executor=args.executor,
+        workers=args.workers,
+        address=args.ray_address,
     )
-    _print_verdict(result)
+    if launch.is_main_process():
+        _print_verdict(result)
     return 0
 
 
@@ -276,6 +320,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from normlab import launch
     from normlab.runs import RunStore, environment
     from normlab.train import TrainConfig, parse_overrides, train
 
@@ -284,13 +329,25 @@ def cmd_train(args) -> int:
         cfg = parse_overrides(cfg, [f"device={args.device}"])
     cfg.validate()
     store = RunStore(args.root)
-    stored = store.run(args.name, cfg.to_dict())
-    if stored.complete and not args.force:
-        print(f"already stored (use --force to train again): {stored.path}")
+    world = launch.env_world_size()
+    # a run on several processes is stored apart from the single-process run (numbers agree only to rounding,
+    # and not at all with sync_bn=false)
+    stored_config = {**cfg.to_dict(), "world_size": world} if world > 1 else cfg.to_dict()
+    stored = store.run(args.name, stored_config)
+    main = launch.is_main_process()
+    launch.join_from_env(cfg.device)
+    if launch.broadcast_object(stored.complete) and not args.force:
+        if main:
+            print(f"already stored (use --force to train again): {stored.path}")
     else:
-        result = train(cfg, progress=args.progress)
-        env = environment(device=result.device, seed=cfg.seed, threads=result.threads)
-        stored = store.save(args.name, cfg.to_dict(), result.to_metrics(), env=env)
+        result = train(cfg, progress=args.progress and main)
+        if main:
+            env = environment(device=result.device, seed=cfg.seed, threads=result.threads)
+            env["world_size"] = result.world_size
+            stored = store.save(args.name, stored_config, result.to_metrics(), env=env)
+    launch.barrier()
+    if not main:
+        return 0
     r = stored.result()
     status = f"DIVERGED at step {r['diverged_step']}" if r.get("diverged") else "finished"
     print(
@@ -331,6 +388,19 @@ _DELEGATED = {
 _COMMANDS = {"list": cmd_list, "run": cmd_run, "show": cmd_show, "train": cmd_train, "demo": cmd_demo}
 
 
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` / ``--nproc=N`` (the launched processes read WORLD_SIZE instead)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: returns the exit status (0 ok, 2 for a usage error)."""
     from normlab.train import ConfigError
@@ -342,6 +412,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "nproc", 1) > 1:
+            from normlab import launch
+
+            if args.command == "run":
+                _check_executor(args)
+            if launch.env_world_size() > 1:
+                raise _UsageError("--nproc inside an already distributed launch (torchrun); drop --nproc")
+            return launch.run_local(_without_nproc(argv), args.nproc)
         return _COMMANDS[args.command](args)
     except (ConfigError, _UsageError) as e:
         print(f"normlab {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -37,6 +37,11 @@ Conventions
 * Models reach norms only through ``norm_layer=`` (a registered name, or
   ``functools.partial(make_norm, name, **norm_kwargs)``); sequence datasets
   pass their padding mask as ``model(x, mask=mask)``.
+* Several processes: launched by ``torchrun`` or ``normlab ... --nproc N``,
+  ``train`` trains one model with DistributedDataParallel. ``batch_size`` is
+  then the global batch (each process takes its slice), BN layers become
+  synchronized BN unless ``sync_bn=False``, and the recorded numbers are those
+  of the global batch; see :mod:`normlab.launch`.
 
 Speed on a CPU
 --------------
@@ -141,6 +146,8 @@ class TrainConfig:
     # -- divergence
     divergence_loss: float = 1e4  # a step loss above this (nats), or a non-finite one, ends the run as diverged
     sync_every: int = 32  # optimizer steps between host copies of the losses (divergence checks)
+    # -- data parallelism (only under torch.distributed; see normlab.launch)
+    sync_bn: bool = True  # with several processes, BatchNorm layers use the statistics of the global batch
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -500,6 +507,7 @@ class RunResult:
     device: str
     threads: int
     model: nn.Module | None = field(default=None, repr=False, compare=False)
+    world_size: int = 1  # processes that trained the model together (torch.distributed)
 
     @property
     def final(self) -> dict[str, Any]:
@@ -517,6 +525,8 @@ class RunResult:
             "wall_time": self.wall_time,
             "num_params": self.num_params,
         }
+        if self.world_size > 1:
+            out["world_size"] = self.world_size
         for k, v in self.final.items():
             if k not in ("epoch", "steps"):
                 out[f"final_{k}"] = v
@@ -659,8 +669,9 @@ class _StepLog:
     True once the run has diverged.
     """
 
-    def __init__(self, bound: float) -> None:
+    def __init__(self, bound: float, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
         self.bound = bound
+        self.reduce = reduce  # several processes: sums the stacked per-step pairs over them at each flush
         self.step_loss: list[float] = []
         self.diverged_step: int | None = None
         self.pending: list[Tensor] = []  # per step: (loss, correct), 0-d pairs on the device
@@ -670,14 +681,17 @@ class _StepLog:
     def start_epoch(self) -> None:
         self.loss_sum, self.correct, self.seen = 0.0, 0.0, 0
 
-    def add(self, loss: Tensor, out: Tensor, y: Tensor) -> None:
+    def add(self, loss: Tensor, out: Tensor, y: Tensor, n: int | None = None) -> None:
         with torch.no_grad():
             self.pending.append(torch.stack((loss.detach().float(), (out.argmax(-1) == y).sum().float())))
-        self.sizes.append(y.shape[0])
+        self.sizes.append(y.shape[0] if n is None else n)
 
     def flush(self) -> bool:
         if self.pending and self.diverged_step is None:
-            for (loss, correct), n in zip(torch.stack(self.pending).tolist(), self.sizes):
+            table = torch.stack(self.pending)
+            if self.reduce is not None:
+                table = self.reduce(table)
+            for (loss, correct), n in zip(table.tolist(), self.sizes):
                 self.step_loss.append(loss)
                 self.loss_sum += loss * n
                 self.correct += correct
@@ -709,6 +723,7 @@ def train(
     ``True`` to stop). ``tune_malloc=False`` leaves the C allocator alone (see
     :func:`tune_allocator`).
     """
+    from normlab import launch
     from normlab.data import Batches
 
     if not isinstance(config, TrainConfig):
@@ -717,7 +732,12 @@ def train(
     start = time.perf_counter()
     if tune_malloc:
         tune_allocator()
-    device = resolve_device(config.device)
+    dctx = launch.setup(config.device)  # None unless several processes were launched
+    device = dctx.device if dctx is not None else resolve_device(config.device)
+    if dctx is not None and config.batch_size < dctx.world_size:
+        raise ConfigError(
+            f"batch_size={config.batch_size} is the global batch: it must be >= {dctx.world_size} processes"
+        )
     old_threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -726,7 +746,8 @@ def train(
         model = _build_model(config, data, device)
         num_params = sum(p.numel() for p in model.parameters())
         opt = _make_optimizer(config, model)
-        fwd = torch.compile(model) if config.compile else model
+        net = dctx.wrap(model, sync_bn=config.sync_bn) if dctx is not None else model
+        fwd = torch.compile(net) if config.compile else net
         try:
             batches = Batches(
                 data.x_train,
@@ -746,7 +767,7 @@ def train(
         if config.max_steps is not None:
             total_steps = min(total_steps, config.max_steps)
 
-        log = _StepLog(config.divergence_loss)
+        log = _StepLog(config.divergence_loss, reduce=dctx.all_reduce_sum if dctx is not None else None)
         epochs: list[dict[str, Any]] = []
         stopped = False
         step = 0
@@ -768,16 +789,22 @@ def train(
                     break
                 x, y = batch[0], batch[1]
                 mask = batch[2] if len(batch) > 2 else None
+                n = y.shape[0]
+                if dctx is not None:  # this process's slice of the global batch
+                    x, y, mask, n = dctx.shard(x, y, mask)
                 lr = lr_at(config, step, steps_per_epoch, total_steps)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 out = _forward(fwd, x, mask)  # (N, num_classes)
-                loss = F.cross_entropy(out, y)
+                if dctx is None:
+                    loss = logged = F.cross_entropy(out, y)
+                else:
+                    loss, logged = dctx.loss(out, y, n)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 step += 1
-                log.add(loss, out, y)
+                log.add(logged, out, y, n)
                 if bar is not None:
                     bar.update(1)
                 if callback is not None:
@@ -828,6 +855,7 @@ def train(
             device=str(device),
             threads=torch.get_num_threads(),
             model=model,
+            world_size=dctx.world_size if dctx is not None else 1,
         )
     finally:
         torch.set_num_threads(old_threads)

@@ -33,6 +33,7 @@ rule. A claim that does not hold at our scale is a result, not a bug.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import math
@@ -538,6 +539,25 @@ def _stale_runs(runs) -> list:
     return stale
 
 
+def _run_grid_point(
+    name: str, scale: str, device: str, cfg: Any, progress: bool, run_config: dict[str, Any]
+) -> Mapping[str, Any]:
+    """One run of experiment ``name`` (module-level: a process pool or Ray can ship it by name)."""
+    exp = get_experiment(name)
+    params = {k: v for k, v in run_config.items() if k != "seed"}
+    return exp.run_one(Run(exp.name, scale, params, run_config["seed"], device, cfg, progress))
+
+
+def _run_env(name: str, claim: str | None, scale: str, device: str, run_config: dict[str, Any]) -> dict[str, Any]:
+    from normlab import launch
+
+    env = environment(device=device, seed=run_config["seed"], threads=run_config.get("threads"))
+    env.update(experiment=name, claim=claim, scale=scale)
+    if launch.env_world_size() > 1:
+        env["world_size"] = launch.env_world_size()
+    return env
+
+
 def run_experiment(
     name: str,
     scale: str = "quick",
@@ -546,6 +566,10 @@ def run_experiment(
     device: str = "auto",
     root: str | Path = "runs",
     progress: bool = True,
+    *,
+    executor: str = "sequential",
+    workers: int | None = None,
+    address: str | None = None,
 ) -> ExperimentResult:
     """Run the experiment ``name`` at ``scale``: the missing runs, then analysis, figures and ``verdict.json``.
 
@@ -556,27 +580,33 @@ def run_experiment(
     interrupted call resumes. Writes ``<root>/<name>/verdict.json`` (status,
     summary, numbers, scale, seeds, config, run ids, figures, command,
     environment) and the figures under ``<root>/<name>/figures/``.
+
+    ``executor`` / ``workers`` / ``address`` choose where the runs run
+    (``"sequential"``, a ``"local"`` process pool, or ``"ray"``); see
+    :func:`normlab.runs.sweep`. Pool and Ray workers find the experiment by
+    name, so it must be registered in a module of ``normlab.experiments``
+    (or imported by the workers). Under ``torchrun`` (several processes, one
+    training per run) only rank 0 writes the verdict and the figures.
     """
+    from normlab import launch
+
     exp = get_experiment(name)
     cfg = exp.config_for(scale, overrides, seeds)
     store = RunStore(root)
     folder = store.root / exp.name
     configs = exp.runs(cfg)
 
-    def run_fn(run_config: dict[str, Any]) -> Mapping[str, Any]:
-        params = {k: v for k, v in run_config.items() if k != "seed"}
-        run = Run(exp.name, scale, params, run_config["seed"], device, cfg, progress)
-        return exp.run_one(run)
-
-    def env_fn(run_config: dict[str, Any]) -> dict[str, Any]:
-        env = environment(device=device, seed=run_config["seed"], threads=run_config.get("threads"))
-        env.update(experiment=exp.name, claim=exp.claim, scale=scale)
-        return env
-
+    run_fn = functools.partial(_run_grid_point, exp.name, scale, device, cfg, progress)
+    env_fn = functools.partial(_run_env, exp.name, exp.claim, scale, device)
     desc = f"{exp.claim or ''} {exp.name}".strip()
-    report = sweep(store, exp.name, configs, run_fn, env_fn=env_fn, progress=progress, desc=desc)
+    launch.join_from_env(device)  # torchrun: join once, with the backend of this device (nccl for CUDA)
+    main = launch.is_main_process()
+    report = sweep(
+        store, exp.name, configs, run_fn, env_fn=env_fn, progress=progress and main, desc=desc,
+        executor=executor, workers=workers, address=address,
+    )
     stale = _stale_runs(report.runs)
-    if stale:
+    if stale and main:
         warnings.warn(
             f"{exp.name}: {len(stale)} of {len(report.runs)} stored runs were made by other normlab source code "
             f"(source hash differs from {source_hash()}); their numbers may not be what this code gives. "
@@ -586,9 +616,13 @@ def run_experiment(
         )
     rows = report.rows(with_metrics=True)
     verdict = exp.call_analyse(rows, cfg)
+    verdict_path = folder / "verdict.json"
+    if not main:  # several processes (torchrun): rank 0 writes the figures and the verdict
+        return ExperimentResult(exp.name, exp.claim, scale, cfg, verdict, rows, [], folder, verdict_path,
+                                report.ran, report.skipped)
     figures = exp.call_plot(rows, folder / "figures", cfg)
     verdict_path = write_json_atomic(
-        folder / "verdict.json",
+        verdict_path,
         {
             "experiment": exp.name,
             "claim": exp.claim,
