@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml requirements-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-cpu.txt
-	$(PY) -m pip install --quiet -e ".[lab,dev]"
+	$(PY) -m pip install --quiet -e ".[lab,dev,dist]"
 	touch $(STAMP)
 
 demo: $(STAMP)
