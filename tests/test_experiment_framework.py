@@ -248,3 +248,22 @@ def test_runs_made_by_other_source_code_are_flagged_not_silently_reused(toy, tmp
     with pytest.warns(RuntimeWarning, match="1 of 4 stored runs were made by other normlab source code"):
         res = run_experiment("test-toy", scale="smoke", root=tmp_path, progress=False)
     assert json.loads(res.verdict_path.read_text())["stale_runs"] == 1
+
+
+def test_run_passes_the_configs_data_dir_to_the_dataset_and_load_data_is_what_train_loads(tmp_path):
+    from dataclasses import dataclass as dc
+
+    from normlab.train import TrainConfig, load_data
+
+    @dc(frozen=True)
+    class Cfg:
+        seeds: int = 1
+        data_dir: str | None = None
+
+    params = {"dataset": "digits", "n_train": 200, "data_kwargs": {"n_test": 50}}
+    tc = base.Run("x", "smoke", params, 0, "cpu", Cfg(data_dir=str(tmp_path)), False).train_config()
+    assert tc.data_kwargs == {"n_test": 50, "data_dir": str(tmp_path)}  # the run's own kwargs are kept
+    tc = base.Run("x", "smoke", params, 0, "cpu", Cfg(), False).train_config()
+    assert tc.data_kwargs == {"n_test": 50}
+    ds = load_data(TrainConfig(dataset="digits", n_train=200))
+    assert ds.x_train.shape[0] == 200

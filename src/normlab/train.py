@@ -90,6 +90,7 @@ __all__ = [
     "resolve_device",
     "lr_at",
     "tune_allocator",
+    "load_data",
 ]
 
 
@@ -598,7 +599,11 @@ class _Data:
     num_classes: int
 
 
-def _load_data(config: TrainConfig, device: torch.device) -> _Data:
+def load_data(config: TrainConfig):
+    """The dataset :func:`train` trains on for ``config`` (in memory, on the CPU): a ``normlab.data.Dataset``.
+
+    Experiments that probe or evaluate beside training call this, so they see exactly the same data.
+    """
     from normlab.data import load_dataset
 
     kw = dict(config.data_kwargs)
@@ -607,9 +612,13 @@ def _load_data(config: TrainConfig, device: torch.device) -> _Data:
             raise ConfigError("n_train is set twice (n_train and data_kwargs.n_train); set it once")
         kw["n_train"] = config.n_train
     try:
-        ds = load_dataset(config.dataset, seed=config.data_seed, **kw)
+        return load_dataset(config.dataset, seed=config.data_seed, **kw)
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"dataset={config.dataset!r}: {_message(e)}") from e
+
+
+def _load_data(config: TrainConfig, device: torch.device) -> _Data:
+    ds = load_data(config)
     cl = config.channels_last
     return _Data(
         x_train=_to_device(ds.x_train, device, cl),

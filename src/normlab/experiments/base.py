@@ -317,10 +317,17 @@ class Run:
         return self.params.get(key, default)
 
     def train_config(self, **extra: Any) -> TrainConfig:
-        """A :class:`TrainConfig` from the params that are its fields, this run's seed and device, then ``extra``."""
+        """A :class:`TrainConfig` from the params that are its fields, this run's seed and device, then ``extra``.
+
+        An experiment config's ``data_dir`` (where the CIFAR batches are; not part of the run id) is
+        passed on to the dataset as ``data_kwargs["data_dir"]``.
+        """
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         kw = {k: v for k, v in self.params.items() if k in names}
         kw.update(seed=self.seed, device=self.device)
+        data_dir = getattr(self.config, "data_dir", None)
+        if data_dir:
+            kw["data_kwargs"] = {**kw.get("data_kwargs", {}), "data_dir": data_dir}
         kw.update(extra)
         for key in ("betas", "lr_milestones"):
             if key in kw and isinstance(kw[key], list):

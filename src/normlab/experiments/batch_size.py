@@ -178,17 +178,14 @@ def run_point(run: Run) -> dict[str, Any]:
     """Train one (norm, batch size) point; add eval-mode train metrics, the final train loss and precise-BN metrics."""
     import torch
 
-    from normlab.data import load_dataset
     from normlab.stats import batchnorm_modules, recalibrate
-    from normlab.train import evaluate, train
+    from normlab.train import evaluate, load_data, train
 
-    data_dir = getattr(run.config, "data_dir", None)
-    extra = {"data_kwargs": {"data_dir": data_dir}} if data_dir else {}
-    tc = run.train_config(**extra)
+    tc = run.train_config()
     result = train(tc, progress=run.progress)
     metrics = result.to_metrics()
     model = result.model
-    ds = load_dataset(tc.dataset, seed=tc.data_seed, n_train=tc.n_train, **tc.data_kwargs)
+    ds = load_data(tc)
     device = next(model.parameters()).device
     xtr, ytr = ds.x_train.to(device), ds.y_train.to(device)
     xte, yte = ds.x_test.to(device), ds.y_test.to(device)

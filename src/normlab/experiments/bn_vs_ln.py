@@ -215,13 +215,12 @@ def probe_model(
 def _run_one(run: Run) -> dict[str, Any]:
     import torch
 
-    from normlab.data import load_dataset
-    from normlab.train import resolve_device, train
+    from normlab.train import load_data, resolve_device, train
 
     tc = run.train_config()
     result = train(tc, progress=run.progress)
     model = result.model
-    ds = load_dataset(tc.dataset, seed=tc.data_seed, n_train=tc.n_train, **tc.data_kwargs)
+    ds = load_data(tc)
     device = resolve_device(tc.device)
     x, mask, y = ds.x_test.to(device), ds.mask_test.to(device), ds.y_test.to(device)
     old = torch.get_num_threads()

@@ -106,11 +106,7 @@ def _grid(cfg: HighLRConfig):
 def _run_one(run: Run) -> dict[str, Any]:
     from normlab.train import train
 
-    extra = {}
-    data_dir = getattr(run.config, "data_dir", None)
-    if data_dir:
-        extra["data_kwargs"] = {"data_dir": data_dir}
-    result = train(run.train_config(**extra), progress=run.progress)
+    result = train(run.train_config(), progress=run.progress)
     return result.to_metrics()
 
 

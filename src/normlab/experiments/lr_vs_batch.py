@@ -142,11 +142,7 @@ def _grid(cfg: LRvsBatchConfig):
 def _run_one(run: Run) -> dict[str, Any]:
     from normlab.train import train
 
-    extra = {}
-    data_dir = getattr(run.config, "data_dir", None)
-    if data_dir:
-        extra["data_kwargs"] = {"data_dir": data_dir}
-    return train(run.train_config(**extra), progress=run.progress).to_metrics()
+    return train(run.train_config(), progress=run.progress).to_metrics()
 
 
 # --------------------------------------------------------------------------- analysis

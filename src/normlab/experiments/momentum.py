@@ -204,13 +204,10 @@ def _train_mode_accuracy(model, x, y, batch_size: int) -> float:
 def _run_one(run: Run) -> dict[str, Any]:
     import torch
 
-    from normlab.data import load_dataset
-    from normlab.train import evaluate, resolve_device, train
+    from normlab.train import evaluate, load_data, resolve_device, train
 
-    data_dir = getattr(run.config, "data_dir", None)
-    extra = {"data_kwargs": {"data_dir": data_dir}} if data_dir else {}
-    tc = run.train_config(**extra)
-    ds = load_dataset(tc.dataset, seed=tc.data_seed, n_train=tc.n_train, **tc.data_kwargs)
+    tc = run.train_config()
+    ds = load_data(tc)
     device = resolve_device(tc.device)
     xtr, xte, yte = ds.x_train.to(device), ds.x_test.to(device), ds.y_test.to(device)
     every = int(run["probe_every"])

@@ -123,17 +123,12 @@ def capped_mean_loss(step_loss: list[float], total_steps: int, cap: float) -> fl
 
 
 def _run_one(run: Run) -> dict[str, Any]:
-    from normlab.data import load_dataset
-    from normlab.train import train
+    from normlab.train import load_data, train
 
-    extra = {}
-    data_dir = getattr(run.config, "data_dir", None)
-    if data_dir:
-        extra["data_kwargs"] = {"data_dir": data_dir}
-    config = run.train_config(**extra)
+    config = run.train_config()
     result = train(config, progress=run.progress)
     metrics = result.to_metrics()
-    ds = load_dataset(config.dataset, seed=config.data_seed, n_train=config.n_train, **config.data_kwargs)
+    ds = load_data(config)
     n = len(ds.y_train)
     steps_per_epoch = n // config.batch_size if config.drop_last else math.ceil(n / config.batch_size)
     total = steps_per_epoch * config.epochs

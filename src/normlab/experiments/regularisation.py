@@ -145,11 +145,7 @@ def _grid(cfg: RegularisationConfig):
 def _run_one(run: Run) -> dict[str, Any]:
     from normlab.train import train
 
-    extra = {}
-    data_dir = getattr(run.config, "data_dir", None)
-    if data_dir:
-        extra["data_kwargs"] = {"data_dir": data_dir}
-    metrics = train(run.train_config(**extra), progress=run.progress).to_metrics()
+    metrics = train(run.train_config(), progress=run.progress).to_metrics()
     train_acc, test_acc = metrics.get("final_train_eval_acc"), metrics.get("final_test_acc")
     metrics["gap"] = train_acc - test_acc if train_acc is not None and test_acc is not None else None
     return metrics

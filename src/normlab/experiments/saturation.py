@@ -117,19 +117,11 @@ def _grid(cfg: SaturationConfig):
 def _run_one(run: Run) -> dict[str, Any]:
     import torch.nn.functional as F
 
-    from normlab.data import load_dataset
     from normlab.probes import gradient_norms, saturation
-    from normlab.train import train
+    from normlab.train import load_data, train
 
-    extra = {}
-    data_dir = getattr(run.config, "data_dir", None)
-    if data_dir:
-        extra["data_kwargs"] = {"data_dir": data_dir}
-    tc = run.train_config(**extra)
-    data_kw = dict(tc.data_kwargs)
-    if tc.n_train is not None:
-        data_kw["n_train"] = tc.n_train
-    ds = load_dataset(tc.dataset, seed=tc.data_seed, **data_kw)  # the same data train() loads
+    tc = run.train_config()
+    ds = load_data(tc)  # the same data train() loads
     n = min(int(run["probe_examples"]), ds.x_train.shape[0])
     batch = (ds.x_train[:n], ds.y_train[:n])
 

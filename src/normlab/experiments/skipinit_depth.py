@@ -189,11 +189,7 @@ def _grid(cfg: SkipInitDepthConfig):
 def _run_one(run: Run) -> dict[str, Any]:
     from normlab.train import train
 
-    extra = {}
-    data_dir = getattr(run.config, "data_dir", None)
-    if data_dir:
-        extra["data_kwargs"] = {"data_dir": data_dir}
-    result = train(run.train_config(**extra), progress=run.progress)
+    result = train(run.train_config(), progress=run.progress)
     metrics = result.to_metrics()
     metrics["num_classes"] = int(result.model.head.out_features)
     return metrics
