@@ -11,9 +11,9 @@ into another's), in this order:
                   batch_size, shuffle=True, drop_last=True)``, ``zero_grad()``,
                   forward, ``backward``, ``step``, ``loss.item()`` every step;
                   the process's default glibc allocator;
-* ``torch+malloc`` the same loop after :func:`normlab.train.tune_allocator`
+* ``torch+malloc`` the same loop after :func:`normlab.lab.train.tune_allocator`
                   (to show how much of the gap is the allocator alone);
-* ``normlab``     :func:`normlab.train.train` (in-memory ``Batches``, losses
+* ``normlab``     :func:`normlab.lab.train.train` (in-memory ``Batches``, losses
                   synced every 32 steps, tuned allocator), NCHW;
 * ``normlab-cl``  the same with ``channels_last=True``.
 
@@ -42,7 +42,7 @@ VARIANTS = ("torch", "torch+malloc", "normlab", "normlab-cl")
 
 
 def _dataset(n: int):
-    from normlab.data import load_dataset
+    from normlab.lab.data import load_dataset
 
     return load_dataset("synthetic-images", seed=0, n_train=n, n_test=256, channels=3, size=32, num_classes=10)
 
@@ -52,8 +52,8 @@ def _torch_loop(args, tune: bool) -> list[float]:
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
-    from normlab.models import build_model
-    from normlab.train import tune_allocator
+    from normlab.lab.models import build_model
+    from normlab.lab.train import tune_allocator
 
     if tune:
         assert tune_allocator(), "could not tune the allocator on this platform"
@@ -79,7 +79,7 @@ def _torch_loop(args, tune: bool) -> list[float]:
 
 
 def _normlab_loop(args, channels_last: bool) -> list[float]:
-    from normlab.train import TrainConfig, train
+    from normlab.lab.train import TrainConfig, train
 
     cfg = TrainConfig(
         dataset="synthetic-images",

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from normlab.experiments import base
-from normlab.experiments.base import Experiment, Run, Verdict, compare, group, pyplot, save_figure, values
+from normlab.lab.experiments import framework as base
+from normlab.lab.experiments.framework import Experiment, Run, Verdict, compare, group, pyplot, save_figure, values
 
 __all__ = ["FAKES", "ALLOW_RUNNING", "FakeConfig", "registered_fakes", "make_store"]
 

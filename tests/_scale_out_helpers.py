@@ -13,7 +13,7 @@ import os
 import signal
 from pathlib import Path
 
-from normlab.runs import run_id
+from normlab.lab.store import run_id
 
 
 def _log(event: str, config: dict) -> None:
@@ -26,7 +26,7 @@ def _log(event: str, config: dict) -> None:
 def train_run(config: dict) -> dict:
     import time
 
-    from normlab.train import TrainConfig, train
+    from normlab.lab.train import TrainConfig, train
 
     _log("start", config)
     if config.get("kill_once"):

@@ -127,7 +127,7 @@ def test_recalibrated_resnet_audited_for_training_has_zero_findings(norm):
 
 
 def test_normlab_preact_resnet_needs_the_hook_graph_and_is_clean():
-    from normlab.models import build_model
+    from normlab.lab.models import build_model
 
     data = images(n_batches=2)
     model = build_model("resnet", in_shape=(3, 8, 8), num_classes=10)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from normlab.cli import main
+from normlab.lab.cli import main
 
 FAST_TRAIN = ["--set", "dataset=digits", "model=mlp", "model_kwargs.width=16", "epochs=1", "device=cpu"]
 
@@ -113,8 +113,8 @@ def test_help_everywhere(cmd, capsys):
 def test_demo_runs_the_registered_headline_claims(tmp_path, capsys, monkeypatch):
     from dataclasses import dataclass
 
-    from normlab import cli
-    from normlab.experiments import base
+    from normlab.lab import cli
+    from normlab.lab.experiments import framework as base
 
     @dataclass(frozen=True)
     class Cfg:
@@ -139,7 +139,7 @@ def test_demo_runs_the_registered_headline_claims(tmp_path, capsys, monkeypatch)
 
 
 def test_demo_falls_back_to_the_example_and_prints_where_figures_are(tmp_path, capsys, monkeypatch):
-    from normlab import cli
+    from normlab.lab import cli
 
     monkeypatch.setattr(cli, "HEADLINE_CLAIMS", ("C997",))
     assert main(["demo", "--scale", "smoke", "--root", str(tmp_path), "--no-progress", "--device", "cpu"]) == 0
@@ -149,7 +149,7 @@ def test_demo_falls_back_to_the_example_and_prints_where_figures_are(tmp_path, c
 
 
 def test_report_and_audit_are_handed_to_their_own_parsers(tmp_path, capsys):
-    from normlab.cli import main
+    from normlab.lab.cli import main
 
     assert main(["report", "--root", str(tmp_path / "missing")]) == 2  # one-line error from report_main
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,4 +1,4 @@
-"""normlab.data: loaders, splits, standardisation, the CIFAR reader and Batches, against numpy oracles."""
+"""normlab.lab.data: loaders, splits, standardisation, the CIFAR reader and Batches, against numpy oracles."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from normlab.data import Augment, Batches, Dataset, dataset_names, download_cifar, load_dataset, stratified_subset
+from normlab.lab.data import Augment, Batches, Dataset, dataset_names, download_cifar, load_dataset, stratified_subset
 
 SMALL = {
     "digits": {},
@@ -140,7 +140,7 @@ def test_sequence_standardisation_ignores_padding_and_keeps_it_zero():
 def test_mnist1d_is_the_packages_own_generator_output_and_is_cached(monkeypatch):
     from mnist1d.data import get_dataset_args, make_dataset
 
-    from normlab.data import _builtin, cache_dir
+    from normlab.lab.data import _builtin, cache_dir
 
     np.random.seed(123)
     random.seed(7)

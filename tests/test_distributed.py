@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import normlab
-from normlab.distributed import SyncBatchNorm, combine_moments, convert_sync_batchnorm, is_distributed
+from normlab.layers.sync import SyncBatchNorm, combine_moments, convert_sync_batchnorm, is_distributed
 
 
 def _free_port() -> int:

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from normlab.experiments import get_experiment, run_experiment
-from normlab.experiments.base import STATUSES
-from normlab.experiments.batch_size import PRECISE, BatchSizeConfig, drops, norm_kwargs
-from normlab.runs import run_id
+from normlab.lab.experiments import get_experiment, run_experiment
+from normlab.lab.experiments.framework import STATUSES
+from normlab.lab.experiments.batch_size import PRECISE, BatchSizeConfig, drops, norm_kwargs
+from normlab.lab.store import run_id
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

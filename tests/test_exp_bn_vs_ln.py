@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from normlab.experiments import get_experiment, run_experiment
-from normlab.experiments.base import STATUSES
-from normlab.experiments.bn_vs_ln import BnVsLnConfig, probe_model, relative_change
-from normlab.models import build_model
+from normlab.lab.experiments import get_experiment, run_experiment
+from normlab.lab.experiments.framework import STATUSES
+from normlab.lab.experiments.bn_vs_ln import BnVsLnConfig, probe_model, relative_change
+from normlab.lab.models import build_model
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
-from normlab.experiments import get_experiment, run_experiment
-from normlab.experiments.centering import MEAN_ONLY, CenteringConfig, MeanOnlyBatchNorm, register_mean_only
+from normlab.lab.experiments import get_experiment, run_experiment
+from normlab.lab.experiments.centering import MEAN_ONLY, CenteringConfig, MeanOnlyBatchNorm, register_mean_only
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

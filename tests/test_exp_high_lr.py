@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from normlab.experiments import get_experiment, run_experiment
-from normlab.experiments.base import STATUSES, analyse_stored
-from normlab.experiments.high_lr import HighLRConfig, is_stable, largest_stable_lr
+from normlab.lab.experiments import get_experiment, run_experiment
+from normlab.lab.experiments.framework import STATUSES, analyse_stored
+from normlab.lab.experiments.high_lr import HighLRConfig, is_stable, largest_stable_lr
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from normlab.experiments import STATUSES, get_experiment, run_experiment
-from normlab.experiments.ics import ICSConfig, arm, ics_mean, shift_mean
+from normlab.lab.experiments import STATUSES, get_experiment, run_experiment
+from normlab.lab.experiments.ics import ICSConfig, arm, ics_mean, shift_mean
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from normlab.experiments import get_experiment, run_experiment
-from normlab.experiments.base import STATUSES
-from normlab.experiments.momentum import (
+from normlab.lab.experiments import get_experiment, run_experiment
+from normlab.lab.experiments.framework import STATUSES
+from normlab.lab.experiments.momentum import (
     MOMENTUM,
     MomentumConfig,
     dist_early,
@@ -18,7 +18,7 @@ from normlab.experiments.momentum import (
     running_stats,
     stat_distance,
 )
-from normlab.models import build_model
+from normlab.lab.models import build_model
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from normlab.experiments import get_experiment, run_experiment
-from normlab.experiments.residual_paths import PathsConfig
-from normlab.probes import paths as P
+from normlab.lab.experiments import get_experiment, run_experiment
+from normlab.lab.experiments.residual_paths import PathsConfig
+from normlab.lab.probes import paths as P
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from normlab.experiments import get_experiment, run_experiment
-from normlab.experiments.base import STATUSES
-from normlab.experiments.placement import PlacementConfig, capped_mean_loss
+from normlab.lab.experiments import get_experiment, run_experiment
+from normlab.lab.experiments.framework import STATUSES
+from normlab.lab.experiments.placement import PlacementConfig, capped_mean_loss
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

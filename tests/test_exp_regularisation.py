@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from normlab.experiments import get_experiment, run_experiment
-from normlab.experiments.base import STATUSES
-from normlab.experiments.regularisation import RegularisationConfig, narrowing
+from normlab.lab.experiments import get_experiment, run_experiment
+from normlab.lab.experiments.framework import STATUSES
+from normlab.lab.experiments.regularisation import RegularisationConfig, narrowing
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from normlab.experiments import get_experiment, run_experiment
-from normlab.experiments.residual_variance import ResidualVarianceConfig, fit_skip_growth
+from normlab.lab.experiments import get_experiment, run_experiment
+from normlab.lab.experiments.residual_variance import ResidualVarianceConfig, fit_skip_growth
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

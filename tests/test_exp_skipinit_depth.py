@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from normlab.experiments import STATUSES, get_experiment, run_experiment
-from normlab.experiments.skipinit_depth import VARIANTS, SkipInitDepthConfig, accuracy, variant_options
+from normlab.lab.experiments import STATUSES, get_experiment, run_experiment
+from normlab.lab.experiments.skipinit_depth import VARIANTS, SkipInitDepthConfig, accuracy, variant_options
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -32,8 +32,8 @@ def test_smoke_trains_stores_analyses_and_plots(tmp_path):
 
 
 def test_variants_build_the_networks_they_name():
-    from normlab.models import build_model
-    from normlab.residual import SkipInit
+    from normlab.lab.models import build_model
+    from normlab.normfree import SkipInit
 
     d = 9
     for variant in VARIANTS:

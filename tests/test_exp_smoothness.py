@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from normlab.experiments import get_experiment, run_experiment
-from normlab.experiments.smoothness import SmoothnessConfig, summarise_run
+from normlab.lab.experiments import get_experiment, run_experiment
+from normlab.lab.experiments.smoothness import SmoothnessConfig, summarise_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -38,12 +38,12 @@ def test_smoke_path_end_to_end(tmp_path):
 
 def test_probing_inside_the_training_callback_changes_nothing():
     """Probes in the callback leave the trajectory exactly as without them (same losses, same weights)."""
-    from normlab.probes import gradient_landscape, hessian_eigenvalues
-    from normlab.train import TrainConfig, train
+    from normlab.lab.probes import gradient_landscape, hessian_eigenvalues
+    from normlab.lab.train import TrainConfig, train
 
     cfg = TrainConfig(dataset="digits", model="mlp", model_kwargs={"width": 8, "depth": 2}, norm="batchnorm",
                       lr=0.05, epochs=1, max_steps=6, threads=1)
-    from normlab.data import load_dataset
+    from normlab.lab.data import load_dataset
 
     ds = load_dataset("digits", seed=0)
     batch = (ds.x_train[:32], ds.y_train[:32])

@@ -1,4 +1,4 @@
-"""normlab.models: every model with every registered norm, norm placement, residual blocks, masks."""
+"""normlab.lab.models: every model with every registered norm, norm placement, residual blocks, masks."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import normlab
-from normlab.models import build_model, model_names, register_model, wrn_depth_to_blocks
-from normlab.residual import ResidualBlock, ScaledStdConv2d, SkipInit
+from normlab.lab.models import build_model, model_names, register_model, wrn_depth_to_blocks
+from normlab.normfree import ResidualBlock, ScaledStdConv2d, SkipInit
 
 K = 5  # classes
 SMALL = {  # model -> (in_shape, small options)

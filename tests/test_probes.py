@@ -1,4 +1,4 @@
-"""normlab.probes: Hessian, landscape and layer-input statistics against closed forms."""
+"""normlab.lab.probes: Hessian, landscape and layer-input statistics against closed forms."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import normlab
-from normlab import probes
+from normlab.lab import probes
 
 F64 = torch.float64
 
@@ -376,7 +376,7 @@ def test_probe_errors_are_clear():
 
 
 def test_residual_stats_on_normlab_resnet_blocks_with_skipinit_and_projection():
-    from normlab.residual import ResidualBlock, SkipInit
+    from normlab.normfree import ResidualBlock, SkipInit
 
     torch.manual_seed(0)
     proj = nn.Conv2d(3, 4, 1)

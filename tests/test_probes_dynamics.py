@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import normlab
-from normlab import probes
+from normlab.lab import probes
 
 F64 = torch.float64
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import normlab
-from normlab import probes
+from normlab.lab import probes
 
 
 class Block(nn.Module):

@@ -1,12 +1,12 @@
-"""normlab.probes.paths: the residual path-length distribution against enumeration, closed forms and simulation."""
+"""normlab.lab.probes.paths: the residual path-length distribution against enumeration, closed forms and simulation."""
 
 import math
 
 import numpy as np
 import pytest
 
-from normlab import probes
-from normlab.probes import paths as P
+from normlab.lab import probes
+from normlab.lab.probes import paths as P
 
 
 def stirling_first_kind(n: int) -> list[int]:

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 import _report_store as fake
-from normlab.experiments import base, experiment_names, get_experiment
-from normlab.report import NOT_RUN, ReportError, build_report, collect, key_numbers, paper_number, report_main
-from normlab.runs import RunStore, read_json
+from normlab.lab.experiments import framework as base
+from normlab.lab.experiments import experiment_names, get_experiment
+from normlab.lab.report import NOT_RUN, ReportError, build_report, collect, key_numbers, paper_number, report_main
+from normlab.lab.store import RunStore, read_json
 
 PNG = b"\x89PNG\r\n\x1a\n"
 STATUS_WORDS = ("holds", "does not hold", "inconclusive", NOT_RUN)
@@ -356,12 +357,12 @@ def test_markdown_summary_lists_every_claim_with_verdict_numbers_and_command(bui
 
 
 def test_building_never_runs_analyses_or_plots(built, monkeypatch, tmp_path):
-    import normlab.train
+    import normlab.lab.train
 
     def forbidden(*a, **k):
         raise AssertionError("the report must only read the store")
 
-    for mod, attr in ((normlab.train, "train"), (base, "run_experiment"), (base, "analyse_stored"), (base, "sweep")):
+    for mod, attr in ((normlab.lab.train, "train"), (base, "run_experiment"), (base, "analyse_stored"), (base, "sweep")):
         monkeypatch.setattr(mod, attr, forbidden)
     for k in fake.ALLOW_RUNNING:
         monkeypatch.setitem(fake.ALLOW_RUNNING, k, False)
@@ -431,7 +432,7 @@ def test_report_main_prints_the_path_and_fails_in_one_line_on_a_missing_store(bu
 
 
 def test_public_surface():
-    import normlab.report as report
+    import normlab.lab.report as report
 
     assert set(report.__all__) >= {"build_report", "report_main", "ReportError"}
     for name in report.__all__:
@@ -470,7 +471,7 @@ def _audit_json() -> tuple[str, list[dict]]:
 
 
 def test_stored_audit_results_get_a_section_only_when_normlab_audit_exists(built, tmp_path, monkeypatch):
-    from normlab.report import builder
+    from normlab.lab.report import builder
 
     root = tmp_path / "runs"
     shutil.copytree(built.root, root)

@@ -21,9 +21,9 @@ import pytest
 
 import _browser
 import _report_store as fake
-from normlab.experiments import experiment_names
-from normlab.report import build_report
-from normlab.runs import read_json
+from normlab.lab.experiments import experiment_names
+from normlab.lab.report import build_report
+from normlab.lab.store import read_json
 
 
 FIRST_SECTION_WITH_FIGURES = "section.exp:has(img)"

@@ -1,4 +1,4 @@
-"""normlab.residual against numpy and closed forms: SkipInit, Fixup rules, Scaled WS, AGC."""
+"""normlab.normfree against numpy and closed forms: SkipInit, Fixup rules, Scaled WS, AGC."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.residual import (
+from normlab.normfree import (
     ResidualBlock,
     ScalarBias,
     ScalarScale,

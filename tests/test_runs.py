@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from normlab import runs
-from normlab.runs import RunStore, load_table, run_id, sweep, write_json_atomic
+from normlab.lab import store as runs
+from normlab.lab.store import RunStore, load_table, run_id, sweep, write_json_atomic
 
 GRID = [{"lr": lr, "norm": norm, "seed": s} for lr in (0.1, 1.0) for norm in ("bn", "none") for s in (0, 1)]
 
@@ -170,7 +170,7 @@ _KILLED_SWEEP = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, {tests!r})
-    from normlab import runs
+    from normlab.lab import store as runs
     from test_runs import GRID, fake_run
 
     real = runs.write_json_atomic

@@ -31,9 +31,9 @@ import torch
 import torch.multiprocessing as mp
 
 import _scale_out_helpers as helpers
-from normlab.cli import main
-from normlab.runs import RunStore, claim_run, run_id, sweep
-from normlab.train import TrainConfig, train
+from normlab.lab.cli import main
+from normlab.lab.store import RunStore, claim_run, run_id, sweep
+from normlab.lab.train import TrainConfig, train
 
 # batch 63 over 2 processes: slices of 31 and 32 rows (uneven on purpose)
 DDP_CFG = TrainConfig(
@@ -52,7 +52,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
-    from normlab.distributed import SyncBatchNorm
+    from normlab.layers.sync import SyncBatchNorm
 
     for sync in (True, False):
         r = train(DDP_CFG.__class__(**{**DDP_CFG.__dict__, "sync_bn": sync}), tune_malloc=False)
@@ -213,7 +213,7 @@ def test_a_run_claimed_by_a_live_worker_is_not_started_by_another(tmp_path, log)
 
 
 def test_run_experiment_on_a_local_pool_equals_sequential(tmp_path):
-    from normlab.experiments import run_experiment
+    from normlab.lab.experiments import run_experiment
 
     seq = run_experiment("smoke-example", scale="smoke", device="cpu", root=tmp_path / "a", progress=False)
     pool = run_experiment("smoke-example", scale="smoke", device="cpu", root=tmp_path / "b", progress=False,

@@ -77,7 +77,7 @@ def test_recalibrate_matches_torch_swa_update_bn():
     ref = copy.deepcopy(model)
     torch.optim.swa_utils.update_bn(batches, ref)  # PyTorch's own: cumulative average over the loader
     normlab.recalibrate(model, batches)
-    for a, b in zip(normlab.stats.batchnorm_modules(model), normlab.stats.batchnorm_modules(ref)):
+    for a, b in zip(normlab.running_stats.batchnorm_modules(model), normlab.running_stats.batchnorm_modules(ref)):
         torch.testing.assert_close(a.running_mean, b.running_mean, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-10, atol=1e-12)
 

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import normlab
-import normlab.data
-from normlab import train as T
-from normlab.train import ConfigError, TrainConfig, lr_at, parse_overrides, train
+import normlab.lab.data
+from normlab.lab import train as T
+from normlab.lab.train import ConfigError, TrainConfig, lr_at, parse_overrides, train
 
 SMALL = TrainConfig(
     dataset="digits", model="mlp", model_kwargs={"width": 32, "depth": 2}, norm="batchnorm",
@@ -44,7 +44,7 @@ def test_smoke_run_on_digits_learns():
 
 def test_evaluation_matches_an_independent_pass():
     r = train(SMALL)
-    ds = normlab.data.load_dataset("digits", seed=0)
+    ds = normlab.lab.data.load_dataset("digits", seed=0)
     model = r.model.eval()
     with torch.no_grad():
         out = model(ds.x_test)
@@ -98,16 +98,16 @@ def test_max_steps_and_callback_stop_cleanly():
 
 
 def test_norm_reaches_the_model_only_through_norm_layer(monkeypatch):
-    import normlab.models
+    import normlab.lab.models
 
     got = {}
-    real = normlab.models.build_model
+    real = normlab.lab.models.build_model
 
     def spy(name, **kw):
         got.update(kw)
         return real(name, **kw)
 
-    monkeypatch.setattr(normlab.models, "build_model", spy)
+    monkeypatch.setattr(normlab.lab.models, "build_model", spy)
     r = train(parse_overrides(SMALL, ["norm_kwargs.momentum=0.5", "max_steps=2"]))
     spec = got["norm_layer"]
     assert isinstance(spec, functools.partial) and spec.args == ("batchnorm",) and spec.keywords == {"momentum": 0.5}
@@ -133,7 +133,7 @@ class _MaskedMean(nn.Module):
 
 
 def test_sequence_data_passes_masks(monkeypatch):
-    import normlab.models
+    import normlab.lab.models
 
     built = []
 
@@ -141,11 +141,11 @@ def test_sequence_data_passes_masks(monkeypatch):
         built.append(_MaskedMean(in_shape[-1], num_classes))
         return built[-1]
 
-    monkeypatch.setattr(normlab.models, "build_model", fake_build)
+    monkeypatch.setattr(normlab.lab.models, "build_model", fake_build)
     cfg = TrainConfig(dataset="synthetic-sequences", data_kwargs={"n_train": 256, "n_test": 128}, model="mlp",
                       epochs=1, batch_size=32, device="cpu", lr=0.1)  # fmt: skip
     r = train(cfg)
-    ds = normlab.data.load_dataset("synthetic-sequences", n_train=256, n_test=128)
+    ds = normlab.lab.data.load_dataset("synthetic-sequences", n_train=256, n_test=128)
     masks = built[0].masks
     assert len(masks) == 8 + 1  # 8 training batches + 1 evaluation pass
     assert masks[0].shape == (32, ds.input_shape[0]) and masks[0].dtype == torch.bool

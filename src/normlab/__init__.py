@@ -26,9 +26,9 @@ from normlab.layers import (
 )
 from normlab.registry import make_norm, norm_names, register_norm
 from normlab.layers import BatchRenorm, GhostBatchNorm, NoisyBatchNorm
-from normlab.distributed import SyncBatchNorm, convert_sync_batchnorm
-from normlab.stats import accumulate_stats, freeze, recalibrate, unfreeze
-from normlab.residual import SkipInit, ScaledStdConv1d, ScaledStdConv2d, WSLinear, adaptive_grad_clip_, fixup_init_
+from normlab.layers.sync import SyncBatchNorm, convert_sync_batchnorm
+from normlab.running_stats import accumulate_stats, freeze, recalibrate, unfreeze
+from normlab.normfree import SkipInit, ScaledStdConv1d, ScaledStdConv2d, WSLinear, adaptive_grad_clip_, fixup_init_
 from normlab._audit import AuditReport, audit
 
 __version__ = "0.1.0"

@@ -1,8 +1,8 @@
-"""``python -m normlab ...`` runs the command-line lab (see :mod:`normlab.cli`)."""
+"""``python -m normlab ...`` runs the command-line lab (see :mod:`normlab.lab.cli`)."""
 
 import sys
 
-from normlab.cli import main
+from normlab.lab.cli import main
 
 __all__: list[str] = []
 

@@ -730,7 +730,7 @@ def _run_batch(model: nn.Module, batch: Any) -> Any:
         return model(**batch)
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
         if len(batch) == 3 and isinstance(batch[2], Tensor) and batch[2].dtype == torch.bool:
-            return model(batch[0], mask=batch[2])  # (x, y, mask) as normlab.data.Batches yields
+            return model(batch[0], mask=batch[2])  # (x, y, mask) as normlab.lab.data.Batches yields
         return model(batch[0])  # (x, y): the first element is the input
     raise TypeError(
         f"audit: cannot feed a batch of type {type(batch).__name__} to the model; a batch is a tensor x, "
