@@ -33,15 +33,41 @@ def cases(quick: bool):
     bn2d = [(128, 64, 32, 32), (256, 256, 8, 8), (32, 16, 64, 64)]
     out = []
     for shape in bn2d[:1] if quick else bn2d:
-        out.append(("BatchNorm2d NCHW", shape, cf, lambda s=shape: nn.BatchNorm2d(s[1]), lambda s=shape: normlab.BatchNorm2d(s[1])))
-        out.append(("BatchNorm2d channels-last", shape, cl, lambda s=shape: nn.BatchNorm2d(s[1]), lambda s=shape: normlab.BatchNorm2d(s[1])))
+        out.append(
+            (
+                "BatchNorm2d NCHW",
+                shape,
+                cf,
+                lambda s=shape: nn.BatchNorm2d(s[1]),
+                lambda s=shape: normlab.BatchNorm2d(s[1]),
+            )
+        )
+        out.append(
+            (
+                "BatchNorm2d channels-last",
+                shape,
+                cl,
+                lambda s=shape: nn.BatchNorm2d(s[1]),
+                lambda s=shape: normlab.BatchNorm2d(s[1]),
+            )
+        )
     out.append(("BatchNorm1d (N, D)", (8192, 512), cf, lambda: nn.BatchNorm1d(512), lambda: normlab.BatchNorm1d(512)))
     out.append(("LayerNorm (N, S, D)", (32, 512, 768), cf, lambda: nn.LayerNorm(768), lambda: normlab.LayerNorm(768)))
     out.append(("RMSNorm (N, S, D)", (32, 512, 768), cf, lambda: nn.RMSNorm(768), lambda: normlab.RMSNorm(768)))
-    out.append(("GroupNorm(8) NCHW", (32, 64, 32, 32), cf, lambda: nn.GroupNorm(8, 64), lambda: normlab.GroupNorm(8, 64)))
+    out.append(
+        ("GroupNorm(8) NCHW", (32, 64, 32, 32), cf, lambda: nn.GroupNorm(8, 64), lambda: normlab.GroupNorm(8, 64))
+    )
     # a tiny batch: per-call overhead (Python, autograd.Function) dominates, not arithmetic
     out.append(("BatchNorm2d tiny", (2, 8, 8, 8), cf, lambda: nn.BatchNorm2d(8), lambda: normlab.BatchNorm2d(8)))
-    out.append(("InstanceNorm2d NCHW", (32, 64, 32, 32), cf, lambda: nn.InstanceNorm2d(64, affine=True), lambda: normlab.InstanceNorm2d(64, affine=True)))
+    out.append(
+        (
+            "InstanceNorm2d NCHW",
+            (32, 64, 32, 32),
+            cf,
+            lambda: nn.InstanceNorm2d(64, affine=True),
+            lambda: normlab.InstanceNorm2d(64, affine=True),
+        )
+    )
     return out
 
 
@@ -122,14 +148,18 @@ def main(argv=None) -> None:
     )
     rows = measure(args.reps, args.quick)
     print()
-    print("| layer | shape | torch ms | normlab ms | ratio | torch peak MiB | normlab peak MiB | torch saved MiB | normlab saved MiB |")
+    print(
+        "| layer | shape | torch ms | normlab ms | ratio | torch peak MiB | normlab peak MiB | torch saved MiB | normlab saved MiB |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, shape, tr, to, ratio, pr, po, sr, so in rows:
         shp = "×".join(map(str, shape))
         print(f"| {name} | {shp} | {tr:.1f} | {to:.1f} | **{ratio:.2f}** | {pr:.0f} | {po:.0f} | {sr:.1f} | {so:.1f} |")
     ratios = sorted(r[4] for r in rows)
     print()
-    print(f"median ratio {statistics.median(ratios):.2f}, worst {max(ratios):.2f} (normlab time / torch time; < 1 is faster)")
+    print(
+        f"median ratio {statistics.median(ratios):.2f}, worst {max(ratios):.2f} (normlab time / torch time; < 1 is faster)"
+    )
 
 
 if __name__ == "__main__":

@@ -120,7 +120,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3, help="epochs per variant, the first a warm-up (default 3)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the table shows the best (default 2)")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="interleaved repetitions; the table shows the best (default 2)"
+    )
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--quick", action="store_true", help="n=2000, 2 epochs")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)

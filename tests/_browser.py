@@ -78,7 +78,9 @@ def chromium() -> str:
 class DevTools:
     """One Chromium process and its DevTools pipe: ``call`` a method, collect events."""
 
-    def __init__(self, exe: str, *, user_data_dir: str | os.PathLike, flags: tuple[str, ...] = FLAGS, timeout: float = 60):
+    def __init__(
+        self, exe: str, *, user_data_dir: str | os.PathLike, flags: tuple[str, ...] = FLAGS, timeout: float = 60
+    ):
         self.timeout = timeout
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
@@ -142,7 +144,9 @@ class DevTools:
         else:
             self.events.append(msg)
 
-    def call(self, method: str, params: dict | None = None, session: str | None = None, timeout: float | None = None) -> dict:
+    def call(
+        self, method: str, params: dict | None = None, session: str | None = None, timeout: float | None = None
+    ) -> dict:
         self._next += 1
         msg: dict[str, Any] = {"id": self._next, "method": method, "params": params or {}}
         if session:
@@ -192,7 +196,7 @@ class DevTools:
             except OSError:
                 pass
 
-    def __enter__(self) -> "DevTools":
+    def __enter__(self) -> DevTools:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -291,7 +295,11 @@ def load(
         s = dt.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Page", "Network", "Runtime", "Log"):
             dt.call(f"{domain}.enable", {}, s)
-        dt.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, s)
+        dt.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+            s,
+        )
         if not javascript:
             dt.call("Emulation.setScriptExecutionDisabled", {"value": True}, s)
         start = len(dt.events)
@@ -335,9 +343,13 @@ def load(
             elif m == "Network.loadingFailed":
                 out.failed.append(p)
             elif m == "Log.entryAdded" and p["entry"].get("level") == "error":
-                out.errors.append(f"{p['entry'].get('source')}: {p['entry'].get('text')} {p['entry'].get('url', '')}".strip())
+                out.errors.append(
+                    f"{p['entry'].get('source')}: {p['entry'].get('text')} {p['entry'].get('url', '')}".strip()
+                )
             elif m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-                out.errors.append("console: " + " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", [])))
+                out.errors.append(
+                    "console: " + " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", []))
+                )
             elif m == "Runtime.exceptionThrown":
                 out.errors.append("exception: " + json.dumps(p.get("exceptionDetails", {}))[:500])
     return out

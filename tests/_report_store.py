@@ -124,6 +124,9 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: FakeConfig) -> list[Pa
 def registered_fakes(mp: pytest.MonkeyPatch) -> dict[str, Experiment]:
     """Register the fake claim experiments for as long as ``mp`` is active (undone with it)."""
     base.experiment_names()  # import the real experiment modules first
+    registry = base.EXPERIMENTS
+    mp.setattr(registry, "_items", dict(registry._items))  # registrations below are undone with mp
+    mp.setattr(registry, "_aliases", dict(registry._aliases))
     out = {}
     for name, (claim, cfg, doc, _) in FAKES.items():
         exp = Experiment(
@@ -138,7 +141,7 @@ def registered_fakes(mp: pytest.MonkeyPatch) -> dict[str, Experiment]:
             plot=_plot,
             description=doc,
         )
-        mp.setitem(base._EXPERIMENTS, name, exp)
+        base.register_experiment(exp)
         out[name] = exp
     return out
 

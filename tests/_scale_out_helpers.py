@@ -36,8 +36,17 @@ def train_run(config: dict) -> dict:
             time.sleep(0.3)  # let the other worker get going, then die mid-run
             os.kill(os.getpid(), signal.SIGKILL)
     cfg = TrainConfig(
-        dataset="digits", model="mlp", model_kwargs={"width": 16}, norm=config["norm"], lr=config["lr"],
-        epochs=1, max_steps=8, batch_size=32, device="cpu", threads=1, seed=config["seed"],
+        dataset="digits",
+        model="mlp",
+        model_kwargs={"width": 16},
+        norm=config["norm"],
+        lr=config["lr"],
+        epochs=1,
+        max_steps=8,
+        batch_size=32,
+        device="cpu",
+        threads=1,
+        seed=config["seed"],
     )
     result = train(cfg)
     out = {k: v for k, v in result.to_metrics().items() if not k.endswith("time")}  # timings vary

@@ -8,7 +8,10 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
 def tol(dtype: torch.dtype) -> dict:
-    """Tolerances for comparing normlab against PyTorch: float64 near machine precision, float32 a few ulp of O(1) values."""
+    """Tolerances for comparing normlab against PyTorch.
+
+    float64 near machine precision, float32 a few ulp of O(1) values.
+    """
     return {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 2e-5}
 
 

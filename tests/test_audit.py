@@ -39,8 +39,10 @@ def checks(report: AuditReport) -> set[str]:
 
 def images(n_batches=4, n=16, c=3, hw=8, scale=2.0, shift=1.0, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, c, hw, hw, generator=g) * scale + shift, torch.randint(0, 10, (n,), generator=g))
-            for _ in range(n_batches)]
+    return [
+        (torch.randn(n, c, hw, hw, generator=g) * scale + shift, torch.randint(0, 10, (n,), generator=g))
+        for _ in range(n_batches)
+    ]
 
 
 class Block(nn.Module):
@@ -55,7 +57,8 @@ class Block(nn.Module):
         self.bn2 = norm(cout)
         self.shortcut = (
             nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
-            if stride != 1 or cin != cout else nn.Identity()
+            if stride != 1 or cin != cout
+            else nn.Identity()
         )
 
     def forward(self, x):
@@ -89,9 +92,15 @@ def trained_resnet(norm, data):
 def small_cnn(*, bias=False, momentum=0.1, norm=nn.BatchNorm2d):
     """conv -> BN -> ReLU -> conv -> BN -> ReLU -> pool -> linear, names 0..8."""
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=bias), norm(8, momentum=momentum), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, bias=False), norm(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+        nn.Conv2d(3, 8, 3, padding=1, bias=bias),
+        norm(8, momentum=momentum),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        norm(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
     )
 
 
@@ -143,8 +152,14 @@ def test_normlab_preact_resnet_needs_the_hook_graph_and_is_clean():
 
 def test_bias_before_bn_names_the_conv_and_linear_but_not_the_head():
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
-        nn.Linear(8 * 6 * 6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2),
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Linear(16, 2),
     ).train()
     report = audit(model)
     assert found(report, "bias-before-norm") == [("0", "info"), ("4", "info")]
@@ -185,9 +200,16 @@ def test_bias_before_norm_only_where_the_norm_removes_it(model, expected):
 
 def test_dropout_feeding_bn_is_named_and_dropout_before_the_head_is_not():
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.3),
-        nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5),
-        nn.Flatten(), nn.Linear(8 * 4 * 4, 2),
+        nn.Conv2d(3, 8, 3, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Conv2d(8, 8, 3, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 2),
     ).train()
     report = audit(model)
     assert found(report, "dropout-before-bn") == [("3", "warning")]
@@ -197,8 +219,13 @@ def test_dropout_feeding_bn_is_named_and_dropout_before_the_head_is_not():
 
 
 def test_dropout_separated_from_bn_by_another_norm_is_not_reported():
-    model = nn.Sequential(nn.Dropout(0.2), nn.Conv2d(3, 8, 3, bias=False), nn.GroupNorm(2, 8),
-                          nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8)).train()
+    model = nn.Sequential(
+        nn.Dropout(0.2),
+        nn.Conv2d(3, 8, 3, bias=False),
+        nn.GroupNorm(2, 8),
+        nn.Conv2d(8, 8, 3, bias=False),
+        nn.BatchNorm2d(8),
+    ).train()
     assert found(audit(model), "dropout-before-bn") == []
     model[2] = nn.Identity()
     assert found(audit(model), "dropout-before-bn") == [("0", "warning")]
@@ -360,10 +387,12 @@ def test_nonfinite_buffers(what):
     fit_stats(model, images(n_batches=2))
     bn = model[4]
     with torch.no_grad():
-        {"nan-var": lambda: bn.running_var.__setitem__(2, float("nan")),
-         "inf-mean": lambda: bn.running_mean.__setitem__(0, float("inf")),
-         "nan-weight": lambda: bn.weight.__setitem__(1, float("nan")),
-         "negative-var": lambda: bn.running_var.__setitem__(3, -1.0)}[what]()
+        {
+            "nan-var": lambda: bn.running_var.__setitem__(2, float("nan")),
+            "inf-mean": lambda: bn.running_mean.__setitem__(0, float("inf")),
+            "nan-weight": lambda: bn.weight.__setitem__(1, float("nan")),
+            "negative-var": lambda: bn.running_var.__setitem__(3, -1.0),
+        }[what]()
     report = audit(model)
     assert found(report, "nonfinite-buffers") == [("4", "error")]
     assert found(report, "running-stats-mismatch") == []  # no gap computed from a broken buffer
@@ -411,8 +440,10 @@ def test_gap_numbers_equal_an_independent_numpy_computation():
         bn.running_var.copy_(torch.tensor([1.0, 4.0, 0.25, 1.0]))
     model = nn.Sequential(bn).eval()
     g = torch.Generator().manual_seed(3)
-    data = [torch.randn(32, 4, generator=g) * torch.tensor([1.0, 2.0, 3.0, 1.0]) + torch.tensor([1.0, 1.0, 0.0, 0.5])
-            for _ in range(3)]
+    data = [
+        torch.randn(32, 4, generator=g) * torch.tensor([1.0, 2.0, 3.0, 1.0]) + torch.tensor([1.0, 1.0, 0.0, 0.5])
+        for _ in range(3)
+    ]
     report = audit(model, data)
     (f,) = report.select("running-stats-mismatch")
     x = torch.cat(data).double().numpy()
@@ -489,8 +520,9 @@ def test_nonfinite_activations_name_the_first_norm_layer_they_reach():
 
 
 def test_groups_of_a_single_value():
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 8, bias=False), nn.Unflatten(1, (8, 1, 1)),
-                          nn.GroupNorm(8, 8))
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(3 * 8 * 8, 8, bias=False), nn.Unflatten(1, (8, 1, 1)), nn.GroupNorm(8, 8)
+    )
     report = audit(model, images(n_batches=1))
     assert found(report, "single-value-groups") == [("3", "error")]
     assert report.select("single-value-groups")[0].details["values_per_group"] == 1
@@ -522,8 +554,9 @@ class MyBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(c))
 
     def forward(self, x):
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
-                            self.momentum, self.eps)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training, self.momentum, self.eps
+        )
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -540,9 +573,12 @@ class FrozenBatchNorm2d(nn.Module):
 
 def test_timm_style_layers_are_recognised():
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3), TimmBatchNormAct2d(8, momentum=0.9),
-        nn.Conv2d(8, 8, 3), MyBatchNorm2d(8, momentum=0.99),
-        nn.Conv2d(8, 8, 3, bias=False), FrozenBatchNorm2d(8),
+        nn.Conv2d(3, 8, 3),
+        TimmBatchNormAct2d(8, momentum=0.9),
+        nn.Conv2d(8, 8, 3),
+        MyBatchNorm2d(8, momentum=0.99),
+        nn.Conv2d(8, 8, 3, bias=False),
+        FrozenBatchNorm2d(8),
     ).train()
     report = audit(model, images(n_batches=1, n=4))
     assert found(report, "momentum-convention") == [("1", "error"), ("3", "error")]
@@ -654,17 +690,24 @@ def built_everything():
 
 def snapshot(model):
     return {
-        "params": {n: (p.detach().clone(), p._version, p.requires_grad, p.data_ptr())
-                   for n, p in model.named_parameters()},
+        "params": {
+            n: (p.detach().clone(), p._version, p.requires_grad, p.data_ptr()) for n, p in model.named_parameters()
+        },
         "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
         "buffers": {n: (b.clone(), b._version, b.data_ptr()) for n, b in model.named_buffers()},
         "modes": {n: m.training for n, m in model.named_modules()},
         "attributes": {n: sorted(m.__dict__) for n, m in model.named_modules()},
-        "flags": {n: (getattr(m, "track_running_stats", None), getattr(m, "momentum", None), getattr(m, "frozen", None))
-                  for n, m in model.named_modules()},
-        "hooks": {n: tuple(tuple(getattr(m, h).items()) for h in (
-            "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_forward_hooks_with_kwargs"))
-            for n, m in model.named_modules()},
+        "flags": {
+            n: (getattr(m, "track_running_stats", None), getattr(m, "momentum", None), getattr(m, "frozen", None))
+            for n, m in model.named_modules()
+        },
+        "hooks": {
+            n: tuple(
+                tuple(getattr(m, h).items())
+                for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_forward_hooks_with_kwargs")
+            )
+            for n, m in model.named_modules()
+        },
         "tensor_hooks": {n: dict(p._backward_hooks or {}) for n, p in model.named_parameters()},
         "rng": torch.get_rng_state(),
         "grad_mode": torch.is_grad_enabled(),
@@ -744,8 +787,15 @@ def test_train_mode_audit_leaves_running_statistics_and_counters_alone():
 
 
 def pitfall_report():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, momentum=0.99), nn.ReLU(), nn.Dropout(0.2),
-                          nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8, momentum=0.99),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Conv2d(8, 8, 3, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+    )
     model.eval()
     return audit(model, images(n_batches=2))
 

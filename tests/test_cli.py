@@ -73,7 +73,7 @@ def test_train_divergence_is_a_result(tmp_path, capsys):
         (["train", "--set", "optimizer=adamw"], "is not one of: 'sgd', 'adam'"),
         (["train", "--set", "epochs=many"], "epochs='many' is not a valid int"),
         (["train", "--set", "norm=bn"], "norm='bn' is not one of:"),
-        (["run", "no-such-experiment"], "registered experiments:"),
+        (["run", "no-such-experiment"], "known experiments:"),
         (["run", "smoke-example", "--scale", "huge"], "invalid choice: 'huge'"),
         (["run", "smoke-example", "--set", "nope=1"], "valid keys: seeds, epochs"),
         (["run", "smoke-example", "--seeds", "0"], "must be >= 1"),
@@ -131,7 +131,7 @@ def test_demo_runs_the_registered_headline_claims(tmp_path, capsys, monkeypatch)
         monkeypatch.setattr(cli, "HEADLINE_CLAIMS", ("C998", "C997"))  # C997: not registered, skipped
         assert main(["demo", "--root", str(tmp_path), "--no-progress"]) == 0
     finally:
-        base._EXPERIMENTS.pop("test-headline")
+        base.EXPERIMENTS.unregister("test-headline")
     out = capsys.readouterr().out
     assert ran == [("quick", 0), ("quick", 1)]  # quick scale by default
     assert "C998 test-headline [quick]: HOLDS" in out

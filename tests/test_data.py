@@ -282,8 +282,10 @@ def _fake_cifar10(folder, rng, per_batch=4, n_test=6):
     for i in range(1, 6):
         data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, 10, per_batch)]
-        _write_pickle(folder / f"data_batch_{i}", {b"batch_label": b"training batch", b"labels": labels, b"data": data,
-                                                   b"filenames": [b"x.png"] * per_batch})
+        _write_pickle(
+            folder / f"data_batch_{i}",
+            {b"batch_label": b"training batch", b"labels": labels, b"data": data, b"filenames": [b"x.png"] * per_batch},
+        )
         xs.append(data), ys.extend(labels)
     test = rng.integers(0, 256, (n_test, 3072), dtype=np.uint8)
     test_labels = [int(v) for v in rng.integers(0, 10, n_test)]
@@ -313,10 +315,18 @@ def test_cifar100_reader_fine_and_coarse_labels_with_str_keys(tmp_path):
     folder.mkdir()
     rng = np.random.default_rng(1)
     for split, n in (("train", 8), ("test", 5)):
-        _write_pickle(folder / split, {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                                       "fine_labels": list(range(n)), "coarse_labels": [i % 20 for i in range(n)]})
-    _write_pickle(folder / "meta", {"fine_label_names": [f"f{i}" for i in range(100)],
-                                    "coarse_label_names": [f"c{i}" for i in range(20)]})
+        _write_pickle(
+            folder / split,
+            {
+                "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                "fine_labels": list(range(n)),
+                "coarse_labels": [i % 20 for i in range(n)],
+            },
+        )
+    _write_pickle(
+        folder / "meta",
+        {"fine_label_names": [f"f{i}" for i in range(100)], "coarse_label_names": [f"c{i}" for i in range(20)]},
+    )
     fine = load_dataset("cifar100", data_dir=tmp_path)
     coarse = load_dataset("cifar100", data_dir=tmp_path, label_mode="coarse")
     assert (fine.num_classes, coarse.num_classes) == (100, 20)
@@ -340,15 +350,22 @@ def test_missing_cifar_says_what_is_expected_and_how_to_get_it(tmp_path, monkeyp
         load_dataset("cifar10", data_dir=tmp_path)
 
 
-@pytest.mark.parametrize("damage, match", [
-    (lambda p: p.write_bytes(b"\x80\x02not a pickle at all"), "corrupt or not a CIFAR python-pickle batch"),
-    (lambda p: p.write_bytes(p.read_bytes()[:100]), "corrupt or not a CIFAR python-pickle batch"),
-    (lambda p: _write_pickle(p, {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}),
-     r"must be a \(n, 3072\) uint8"),
-    (lambda p: _write_pickle(p, {b"data": np.zeros((2, 3072), np.uint8)}), "has no 'labels' entry"),
-    (lambda p: _write_pickle(p, {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}),
-     "labels .* run from 0 to 10"),
-])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda p: p.write_bytes(b"\x80\x02not a pickle at all"), "corrupt or not a CIFAR python-pickle batch"),
+        (lambda p: p.write_bytes(p.read_bytes()[:100]), "corrupt or not a CIFAR python-pickle batch"),
+        (
+            lambda p: _write_pickle(p, {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}),
+            r"must be a \(n, 3072\) uint8",
+        ),
+        (lambda p: _write_pickle(p, {b"data": np.zeros((2, 3072), np.uint8)}), "has no 'labels' entry"),
+        (
+            lambda p: _write_pickle(p, {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}),
+            "labels .* run from 0 to 10",
+        ),
+    ],
+)
 def test_corrupt_cifar_file_is_named(tmp_path, damage, match):
     _fake_cifar10(tmp_path / "cifar-10-batches-py", np.random.default_rng(0))
     bad = tmp_path / "cifar-10-batches-py" / "data_batch_2"
@@ -378,5 +395,7 @@ def test_download_cifar_verifies_the_md5_before_extracting(tmp_path):
 
 def test_dataset_repr_is_short():
     ds = load_dataset("synthetic-sequences", **SMALL["synthetic-sequences"])
-    assert repr(ds) == ("Dataset('synthetic-sequences', kind='sequence', input_shape=(12, 6), num_classes=4, "
-                        "n_train=120, n_test=60, masked)")
+    assert repr(ds) == (
+        "Dataset('synthetic-sequences', kind='sequence', input_shape=(12, 6), num_classes=4, "
+        "n_train=120, n_test=60, masked)"
+    )

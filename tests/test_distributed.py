@@ -33,8 +33,11 @@ def _build(name: str) -> tuple[nn.Module, tuple[int, ...]]:
     torch.manual_seed(0)
     if name == "conv2d":  # torch.nn layers, EMA and cumulative average
         model = nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-            nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, momentum=None),
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 1),
+            nn.BatchNorm2d(4, momentum=None),
         )
         shape = (3, 5, 5)
     elif name == "sequence":  # normlab conventions, features last
@@ -111,7 +114,10 @@ def _check_stats_tools(rank: int, sizes: tuple[int, ...]) -> None:
 def _worker(rank: int, world: int, port: int, cases) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )
     try:
@@ -150,8 +156,11 @@ def test_without_a_process_group_sync_bn_is_plain_bn():
 def test_convert_sync_batchnorm_shares_tensors_and_keeps_options():
     renorm = normlab.BatchRenorm(4)
     model = nn.Sequential(
-        nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4, momentum=None), normlab.BatchNorm(4, feature_dim=1, debias=True),
-        renorm, normlab.GhostBatchNorm(4),
+        nn.Conv2d(2, 4, 1),
+        nn.BatchNorm2d(4, momentum=None),
+        normlab.BatchNorm(4, feature_dim=1, debias=True),
+        renorm,
+        normlab.GhostBatchNorm(4),
     )
     model[2].eval()
     params = list(model.parameters())

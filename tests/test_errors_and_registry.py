@@ -12,11 +12,19 @@ import normlab
 @pytest.mark.parametrize(
     "layer,x,match",
     [
-        (lambda: normlab.BatchNorm2d(4), torch.randn(2, 3, 5, 5), r"3 features on axis 1.*num_features=4.*BatchNorm2d\(3\)"),
+        (
+            lambda: normlab.BatchNorm2d(4),
+            torch.randn(2, 3, 5, 5),
+            r"3 features on axis 1.*num_features=4.*BatchNorm2d\(3\)",
+        ),
         (lambda: normlab.BatchNorm2d(4), torch.randn(2, 4, 5), r"expected 4D input \(N, C, H, W\), got 3D"),
         (lambda: normlab.BatchNorm1d(4), torch.randn(1, 4), r"more than 1 value per feature.*batch of at least 2"),
         (lambda: normlab.BatchNorm(4, feature_dim=3), torch.randn(2, 4, 5), r"feature_dim=3 is out of range"),
-        (lambda: normlab.LayerNorm(6), torch.randn(2, 5), r"normalized_shape \(6,\) must equal the input's trailing dims"),
+        (
+            lambda: normlab.LayerNorm(6),
+            torch.randn(2, 5),
+            r"normalized_shape \(6,\) must equal the input's trailing dims",
+        ),
         (lambda: normlab.RMSNorm((3, 4)), torch.randn(2, 4, 3), r"normalized_shape \(3, 4\)"),
         (lambda: normlab.GroupNorm(2, 4), torch.randn(2, 6, 3), r"expected input \(N, 4, \*\)"),
         (lambda: normlab.InstanceNorm2d(4, affine=True), torch.randn(2, 3, 5, 5), r"3 channels.*num_features=4"),
@@ -42,7 +50,9 @@ def test_functional_shape_errors():
     with pytest.raises(ValueError, match="eval mode needs running_mean"):
         normlab.functional.batch_norm(torch.randn(5, 4), None, None, training=False)
     with pytest.raises(ValueError, match=r"mask has shape \(5,\), expected \(5, 3\)"):
-        normlab.functional.batch_norm(torch.randn(5, 3, 4), None, None, training=True, feature_dim=-1, mask=torch.ones(5, dtype=torch.bool))
+        normlab.functional.batch_norm(
+            torch.randn(5, 3, 4), None, None, training=True, feature_dim=-1, mask=torch.ones(5, dtype=torch.bool)
+        )
 
 
 def test_invalid_constructor_arguments():

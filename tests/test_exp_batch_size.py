@@ -8,8 +8,8 @@ import json
 import pytest
 
 from normlab.lab.experiments import get_experiment, run_experiment
-from normlab.lab.experiments.framework import STATUSES
 from normlab.lab.experiments.batch_size import PRECISE, BatchSizeConfig, drops, norm_kwargs
+from normlab.lab.experiments.framework import STATUSES
 from normlab.lab.store import run_id
 
 PNG = b"\x89PNG\r\n\x1a\n"

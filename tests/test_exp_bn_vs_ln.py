@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from normlab.lab.experiments import get_experiment, run_experiment
-from normlab.lab.experiments.framework import STATUSES
 from normlab.lab.experiments.bn_vs_ln import BnVsLnConfig, probe_model, relative_change
+from normlab.lab.experiments.framework import STATUSES
 from normlab.lab.models import build_model
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -41,8 +41,15 @@ def _sequences(n=96, s=10, d=8):
 def _probe(norm, masked):
     torch.manual_seed(0)
     model = build_model(
-        "transformer", in_shape=(10, 8), num_classes=3, norm_layer=norm, d_model=16, depth=1, heads=2,
-        max_len=16, mask_norm_stats=masked,
+        "transformer",
+        in_shape=(10, 8),
+        num_classes=3,
+        norm_layer=norm,
+        d_model=16,
+        depth=1,
+        heads=2,
+        max_len=16,
+        mask_norm_stats=masked,
     )
     x, mask = _sequences()
     before = {k: v.clone() for k, v in model.state_dict().items()}

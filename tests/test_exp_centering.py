@@ -77,14 +77,25 @@ CFG = CenteringConfig()
 ANALYSE = get_experiment("centering").analyse
 
 
-def _rows(centering=(-0.5, -0.45, -0.55), gap=(0.001, 0.002, 0.0015), spread_bn=(0.05, 0.06, 0.055),
-          spread_mean_only=(0.15, 0.16, 0.14)):
+def _rows(
+    centering=(-0.5, -0.45, -0.55),
+    gap=(0.001, 0.002, 0.0015),
+    spread_bn=(0.05, 0.06, 0.055),
+    spread_mean_only=(0.15, 0.16, 0.14),
+):
     rows = []
     for s in range(3):
         for norm in CFG.norms[:2]:
-            rows.append({"norm": norm, "seed": s, "mean_log10_centering_ratio": centering[s],
-                         "max_shift_relative_gap": gap[s], "ratio_layer_spread": spread_bn[s] if norm == "batchnorm"
-                         else 0.1, "fro_centering_never_worse": True})
+            rows.append(
+                {
+                    "norm": norm,
+                    "seed": s,
+                    "mean_log10_centering_ratio": centering[s],
+                    "max_shift_relative_gap": gap[s],
+                    "ratio_layer_spread": spread_bn[s] if norm == "batchnorm" else 0.1,
+                    "fro_centering_never_worse": True,
+                }
+            )
         rows.append({"norm": MEAN_ONLY, "seed": s, "ratio_layer_spread": spread_mean_only[s]})
     return rows
 

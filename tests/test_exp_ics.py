@@ -57,12 +57,19 @@ def _rows(table: dict[str, list[tuple[float, float]]]) -> list[dict]:
     for name, per_seed in table.items():
         norm, _, k = name.partition(" k=")
         for seed, (acc, cos) in enumerate(per_seed):
-            rows.append({
-                "norm": norm, "noise_strength": float(k) if k else None, "seed": seed,
-                "final_train_acc": acc, "final_test_acc": acc - 0.01,
-                "ics_cosine": [[1.0, cos, cos]], "ics_preceding": [[0, 1, 2]],
-                "ics_l2": [[0.0, 1.0, 1.0]], "ics_relative": [[0.0, 0.5, 0.5]],
-            })
+            rows.append(
+                {
+                    "norm": norm,
+                    "noise_strength": float(k) if k else None,
+                    "seed": seed,
+                    "final_train_acc": acc,
+                    "final_test_acc": acc - 0.01,
+                    "ics_cosine": [[1.0, cos, cos]],
+                    "ics_preceding": [[0, 1, 2]],
+                    "ics_l2": [[0.0, 1.0, 1.0]],
+                    "ics_relative": [[0.0, 0.5, 0.5]],
+                }
+            )
     return rows
 
 
@@ -71,41 +78,57 @@ def _analyse(rows):
 
 
 def test_verdict_holds_when_noisy_bn_matches_bn_and_bn_does_not_reduce_ics():
-    v = _analyse(_rows({
-        "none": [(0.80, 0.90), (0.82, 0.91), (0.81, 0.92)],
-        "batchnorm": [(0.95, 0.80), (0.96, 0.82), (0.95, 0.81)],
-        "noisybatchnorm k=1": [(0.95, 0.70), (0.955, 0.72), (0.96, 0.71)],
-    }))
+    v = _analyse(
+        _rows(
+            {
+                "none": [(0.80, 0.90), (0.82, 0.91), (0.81, 0.92)],
+                "batchnorm": [(0.95, 0.80), (0.96, 0.82), (0.95, 0.81)],
+                "noisybatchnorm k=1": [(0.95, 0.70), (0.955, 0.72), (0.96, 0.71)],
+            }
+        )
+    )
     assert v.status == "holds", v.summary
     assert v.numbers["ics_cosine"]["batchnorm"]["mean"] == pytest.approx(0.81)
 
 
 def test_verdict_does_not_hold_when_bn_clearly_reduces_ics():
-    v = _analyse(_rows({
-        "none": [(0.80, 0.50), (0.82, 0.55), (0.81, 0.52)],
-        "batchnorm": [(0.95, 0.95), (0.96, 0.96), (0.95, 0.94)],
-        "noisybatchnorm k=1": [(0.95, 0.90), (0.955, 0.90), (0.96, 0.91)],
-    }))
+    v = _analyse(
+        _rows(
+            {
+                "none": [(0.80, 0.50), (0.82, 0.55), (0.81, 0.52)],
+                "batchnorm": [(0.95, 0.95), (0.96, 0.96), (0.95, 0.94)],
+                "noisybatchnorm k=1": [(0.95, 0.90), (0.955, 0.90), (0.96, 0.91)],
+            }
+        )
+    )
     assert v.status == "does not hold"
     assert v.numbers["ICS not lower with BN"]["status"] == "does not hold"
     assert v.numbers["noisy BN ≈ BN"]["status"] == "holds"
 
 
 def test_verdict_does_not_hold_when_noisy_bn_trains_much_worse():
-    v = _analyse(_rows({
-        "none": [(0.80, 0.90), (0.82, 0.91), (0.81, 0.92)],
-        "batchnorm": [(0.95, 0.80), (0.96, 0.82), (0.95, 0.81)],
-        "noisybatchnorm k=1": [(0.60, 0.70), (0.62, 0.72), (0.65, 0.71)],
-    }))
+    v = _analyse(
+        _rows(
+            {
+                "none": [(0.80, 0.90), (0.82, 0.91), (0.81, 0.92)],
+                "batchnorm": [(0.95, 0.80), (0.96, 0.82), (0.95, 0.81)],
+                "noisybatchnorm k=1": [(0.60, 0.70), (0.62, 0.72), (0.65, 0.71)],
+            }
+        )
+    )
     assert v.status == "does not hold" and v.numbers["noisy BN ≈ BN"]["status"] == "does not hold"
 
 
 def test_verdict_inconclusive_when_spread_straddles_the_tolerances():
-    v = _analyse(_rows({
-        "none": [(0.80, 0.80), (0.82, 0.80), (0.81, 0.80)],
-        "batchnorm": [(0.95, 0.75), (0.96, 0.85), (0.95, 0.95)],  # BN − none: -0.05, 0.05, 0.15 -> 0.05 ± 0.1
-        "noisybatchnorm k=1": [(0.95, 0.70), (0.92, 0.72), (0.98, 0.71)],
-    }))
+    v = _analyse(
+        _rows(
+            {
+                "none": [(0.80, 0.80), (0.82, 0.80), (0.81, 0.80)],
+                "batchnorm": [(0.95, 0.75), (0.96, 0.85), (0.95, 0.95)],  # BN − none: -0.05, 0.05, 0.15 -> 0.05 ± 0.1
+                "noisybatchnorm k=1": [(0.95, 0.70), (0.92, 0.72), (0.98, 0.71)],
+            }
+        )
+    )
     assert v.status == "inconclusive", v.summary
 
 

@@ -47,21 +47,38 @@ def _analytic_rows(k_for_share=14, sim_shift=0.0, d=10000, seeds=3, num_paths=20
     shares = P.branch_shares(d)
     rows = []
     for s in range(seeds):
-        rows.append({
-            "kind": "analytic", "d": d, "seed": s, "num_paths": num_paths,
-            "analytic_share_at_k": float(cum[15]), "analytic_k_for_share": k_for_share,
-            "analytic_mean_length": P.mean_path_length(dist),
-            "analytic_length_variance": float(np.sum(shares * (1 - shares))),
-            "unnormalised_mean_length": d / 2, "sim_share_at_k": float(cum[15]) + sim_shift,
-            "sim_mean_length": P.mean_path_length(dist),
-        })
+        rows.append(
+            {
+                "kind": "analytic",
+                "d": d,
+                "seed": s,
+                "num_paths": num_paths,
+                "analytic_share_at_k": float(cum[15]),
+                "analytic_k_for_share": k_for_share,
+                "analytic_mean_length": P.mean_path_length(dist),
+                "analytic_length_variance": float(np.sum(shares * (1 - shares))),
+                "unnormalised_mean_length": d / 2,
+                "sim_share_at_k": float(cum[15]) + sim_shift,
+                "sim_mean_length": P.mean_path_length(dist),
+            }
+        )
     return rows
 
 
 def _network_rows(errors=(0.05, 0.07, 0.06)):
-    return [{"kind": "network", "activation": "relu", "d": 100, "seed": s, "median_rel_error": e,
-             "median_rel_error_textbook": 0.1, "measured_k_for_share": 8, "analytic_k_for_share": 8}
-            for s, e in enumerate(errors)]
+    return [
+        {
+            "kind": "network",
+            "activation": "relu",
+            "d": 100,
+            "seed": s,
+            "median_rel_error": e,
+            "median_rel_error_textbook": 0.1,
+            "measured_k_for_share": 8,
+            "analytic_k_for_share": 8,
+        }
+        for s, e in enumerate(errors)
+    ]
 
 
 def test_verdict_holds_when_analysis_simulation_and_network_agree_with_the_claim():

@@ -32,8 +32,14 @@ def test_smoke_trains_stores_analyses_and_draws(tmp_path):
 
 def _rows(gaps: dict[tuple[str, int], list[float]]) -> list[dict]:
     return [
-        {"condition": c, "batch_size": bs, "seed": s, "gap": g,
-         "final_test_acc": 0.8 - g / 2, "final_train_eval_acc": 0.8 + g / 2}
+        {
+            "condition": c,
+            "batch_size": bs,
+            "seed": s,
+            "gap": g,
+            "final_test_acc": 0.8 - g / 2,
+            "final_train_eval_acc": 0.8 + g / 2,
+        }
         for (c, bs), gs in gaps.items()
         for s, g in enumerate(gs)
     ]
@@ -44,10 +50,14 @@ def _verdict(rows):
 
 
 def test_holds_when_bn_narrows_the_gap_at_small_batch_and_less_at_large_batch():
-    rows = _rows({
-        ("none", 16): [0.30, 0.31, 0.32], ("batchnorm", 16): [0.10, 0.11, 0.12],
-        ("none", 256): [0.20, 0.21, 0.22], ("batchnorm", 256): [0.19, 0.20, 0.21],
-    })
+    rows = _rows(
+        {
+            ("none", 16): [0.30, 0.31, 0.32],
+            ("batchnorm", 16): [0.10, 0.11, 0.12],
+            ("none", 256): [0.20, 0.21, 0.22],
+            ("batchnorm", 256): [0.19, 0.20, 0.21],
+        }
+    )
     v = _verdict(rows)
     assert v.status == "holds"
     assert narrowing(rows, 16) == pytest.approx([0.2, 0.2, 0.2]) and narrowing(rows, 256) == pytest.approx([0.01] * 3)
@@ -55,35 +65,52 @@ def test_holds_when_bn_narrows_the_gap_at_small_batch_and_less_at_large_batch():
 
 
 def test_does_not_hold_when_bn_widens_the_gap():
-    rows = _rows({
-        ("none", 16): [0.10, 0.11, 0.12], ("batchnorm", 16): [0.30, 0.31, 0.32],
-        ("none", 256): [0.10, 0.11, 0.12], ("batchnorm", 256): [0.20, 0.21, 0.22],
-    })
+    rows = _rows(
+        {
+            ("none", 16): [0.10, 0.11, 0.12],
+            ("batchnorm", 16): [0.30, 0.31, 0.32],
+            ("none", 256): [0.10, 0.11, 0.12],
+            ("batchnorm", 256): [0.20, 0.21, 0.22],
+        }
+    )
     assert _verdict(rows).status == "does not hold"
 
 
 def test_does_not_hold_when_the_effect_grows_with_batch_size():
-    rows = _rows({
-        ("none", 16): [0.30, 0.31, 0.32], ("batchnorm", 16): [0.20, 0.21, 0.22],
-        ("none", 256): [0.40, 0.41, 0.42], ("batchnorm", 256): [0.10, 0.11, 0.12],
-    })
+    rows = _rows(
+        {
+            ("none", 16): [0.30, 0.31, 0.32],
+            ("batchnorm", 16): [0.20, 0.21, 0.22],
+            ("none", 256): [0.40, 0.41, 0.42],
+            ("batchnorm", 256): [0.10, 0.11, 0.12],
+        }
+    )
     v = _verdict(rows)
     assert v.status == "does not hold"
     assert v.numbers["the effect fades with batch size"]["status"] == "does not hold"
 
 
 def test_inconclusive_when_the_spreads_overlap():
-    rows = _rows({
-        ("none", 16): [0.10, 0.30, 0.20], ("batchnorm", 16): [0.15, 0.25, 0.19],
-        ("none", 256): [0.20, 0.21, 0.22], ("batchnorm", 256): [0.19, 0.20, 0.21],
-    })
+    rows = _rows(
+        {
+            ("none", 16): [0.10, 0.30, 0.20],
+            ("batchnorm", 16): [0.15, 0.25, 0.19],
+            ("none", 256): [0.20, 0.21, 0.22],
+            ("batchnorm", 256): [0.19, 0.20, 0.21],
+        }
+    )
     assert _verdict(rows).status == "inconclusive"
 
 
 def test_dropout_placement_is_reported_beside_the_verdict():
-    gaps = {("none", 16): [0.3] * 3, ("batchnorm", 16): [0.1] * 3, ("none", 256): [0.2] * 3,
-            ("batchnorm", 256): [0.2] * 3, ("batchnorm+dropout", 16): [0.05] * 3,
-            ("batchnorm+dropout-before-bn", 16): [0.2] * 3}
+    gaps = {
+        ("none", 16): [0.3] * 3,
+        ("batchnorm", 16): [0.1] * 3,
+        ("none", 256): [0.2] * 3,
+        ("batchnorm", 256): [0.2] * 3,
+        ("batchnorm+dropout", 16): [0.05] * 3,
+        ("batchnorm+dropout-before-bn", 16): [0.2] * 3,
+    }
     v = _verdict(_rows(gaps))
     assert "right before BN" in v.summary and v.numbers["gaps"]["bs16"]["batchnorm+dropout"] == [0.05] * 3
 

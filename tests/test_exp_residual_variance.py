@@ -51,14 +51,44 @@ def _rows(slope=(0.9, 0.91, 0.89), r2=(0.998, 0.997, 0.999), branch=(0.1, 0.12, 
     rows = []
     for act in ("identity", "relu"):
         for s in range(3):
-            base = {"activation": act, "seed": s, "depth": 100, "fit_total_growth": 1.0, "skip_last": 90.0,
-                    "branch_mean": 0.9}
-            rows.append({**base, "variant": "batchnorm", "fit_slope": slope[s], "fit_r2": r2[s],
-                         "branch_max_abs_log2": branch[s], "fit_growth": 1.04})
-            rows.append({**base, "variant": "none", "fit_slope": 1e20, "fit_r2": 0.2, "branch_max_abs_log2": 70.0,
-                         "fit_growth": growth[s]})
-            rows.append({**base, "variant": "skipinit-0", "fit_slope": 0.0, "fit_r2": float("nan"),
-                         "branch_max_abs_log2": 0.5, "fit_growth": 1.0})
+            base = {
+                "activation": act,
+                "seed": s,
+                "depth": 100,
+                "fit_total_growth": 1.0,
+                "skip_last": 90.0,
+                "branch_mean": 0.9,
+            }
+            rows.append(
+                {
+                    **base,
+                    "variant": "batchnorm",
+                    "fit_slope": slope[s],
+                    "fit_r2": r2[s],
+                    "branch_max_abs_log2": branch[s],
+                    "fit_growth": 1.04,
+                }
+            )
+            rows.append(
+                {
+                    **base,
+                    "variant": "none",
+                    "fit_slope": 1e20,
+                    "fit_r2": 0.2,
+                    "branch_max_abs_log2": 70.0,
+                    "fit_growth": growth[s],
+                }
+            )
+            rows.append(
+                {
+                    **base,
+                    "variant": "skipinit-0",
+                    "fit_slope": 0.0,
+                    "fit_r2": float("nan"),
+                    "branch_max_abs_log2": 0.5,
+                    "fit_growth": 1.0,
+                }
+            )
     return rows
 
 

@@ -47,11 +47,17 @@ def _rows(table: dict[tuple[str, str], list[tuple[float, float]]]) -> list[dict]
     rows = []
     for (act, norm), per_seed in table.items():
         for seed, (sat, decades) in enumerate(per_seed):
-            rows.append({
-                "activation": act, "norm": norm, "seed": seed, "final_test_acc": 0.5,
-                "probe_steps": [1, 10], "saturated": [[sat, sat], [sat, sat]],
-                "grad_norm": [[1.0, 10.0**decades], [1.0, 10.0**decades]],
-            })
+            rows.append(
+                {
+                    "activation": act,
+                    "norm": norm,
+                    "seed": seed,
+                    "final_test_acc": 0.5,
+                    "probe_steps": [1, 10],
+                    "saturated": [[sat, sat], [sat, sat]],
+                    "grad_norm": [[1.0, 10.0**decades], [1.0, 10.0**decades]],
+                }
+            )
     return rows
 
 
@@ -60,28 +66,40 @@ def _analyse(rows):
 
 
 def test_verdict_holds_when_bn_has_fewer_saturated_units_and_smaller_spread():
-    v = _analyse(_rows({
-        ("sigmoid", "batchnorm"): [(0.01, 0.3), (0.02, 0.35), (0.01, 0.32)],
-        ("sigmoid", "none"): [(0.30, 4.0), (0.35, 4.2), (0.32, 3.9)],
-        ("tanh", "batchnorm"): [(0.01, 0.3), (0.01, 0.3), (0.02, 0.4)],
-        ("tanh", "none"): [(0.20, 1.0), (0.25, 1.2), (0.22, 1.1)],
-    }))
+    v = _analyse(
+        _rows(
+            {
+                ("sigmoid", "batchnorm"): [(0.01, 0.3), (0.02, 0.35), (0.01, 0.32)],
+                ("sigmoid", "none"): [(0.30, 4.0), (0.35, 4.2), (0.32, 3.9)],
+                ("tanh", "batchnorm"): [(0.01, 0.3), (0.01, 0.3), (0.02, 0.4)],
+                ("tanh", "none"): [(0.20, 1.0), (0.25, 1.2), (0.22, 1.1)],
+            }
+        )
+    )
     assert v.status == "holds", v.summary
 
 
 def test_verdict_does_not_hold_when_bn_saturates_more():
-    v = _analyse(_rows({
-        ("sigmoid", "batchnorm"): [(0.30, 0.3), (0.32, 0.35), (0.31, 0.32)],
-        ("sigmoid", "none"): [(0.01, 4.0), (0.02, 4.2), (0.01, 3.9)],
-    }))
+    v = _analyse(
+        _rows(
+            {
+                ("sigmoid", "batchnorm"): [(0.30, 0.3), (0.32, 0.35), (0.31, 0.32)],
+                ("sigmoid", "none"): [(0.01, 4.0), (0.02, 4.2), (0.01, 3.9)],
+            }
+        )
+    )
     assert v.status == "does not hold" and v.numbers["sigmoid saturated"]["status"] == "does not hold"
 
 
 def test_verdict_inconclusive_when_nothing_saturates():
-    v = _analyse(_rows({
-        ("sigmoid", "batchnorm"): [(0.0, 0.3), (0.0, 0.35), (0.0, 0.32)],
-        ("sigmoid", "none"): [(0.0, 4.0), (0.0, 4.2), (0.0, 3.9)],
-    }))
+    v = _analyse(
+        _rows(
+            {
+                ("sigmoid", "batchnorm"): [(0.0, 0.3), (0.0, 0.35), (0.0, 0.32)],
+                ("sigmoid", "none"): [(0.0, 4.0), (0.0, 4.2), (0.0, 3.9)],
+            }
+        )
+    )
     assert v.status == "inconclusive"
     assert v.numbers["sigmoid saturated"]["status"] == "inconclusive"
     assert v.numbers["sigmoid grad spread"]["status"] == "holds"

@@ -60,8 +60,16 @@ def _rows(accs: dict[str, list[float]], depth: int = 100, shallow: dict[str, lis
     for d, table in ((depth, accs), (4, shallow or {})):
         for variant, xs in table.items():
             for seed, acc in enumerate(xs):
-                rows.append({"variant": variant, "depth": d, "seed": seed, "final_test_acc": acc, "num_classes": 10,
-                             "diverged": acc is None})
+                rows.append(
+                    {
+                        "variant": variant,
+                        "depth": d,
+                        "seed": seed,
+                        "final_test_acc": acc,
+                        "num_classes": 10,
+                        "diverged": acc is None,
+                    }
+                )
     return rows
 
 
@@ -71,14 +79,18 @@ def _analyse(rows, **kw):
 
 
 def test_verdict_holds_when_skipinit_matches_bn_and_alpha1_and_merge_fail():
-    v = _analyse(_rows({
-        "batchnorm": [0.90, 0.91, 0.92],
-        "none": [0.10, 0.10, 0.10],
-        "none-merge": [0.10, 0.11, 0.10],
-        "skipinit-0": [0.89, 0.92, 0.91],
-        "skipinit-sqrt": [0.90, 0.90, 0.93],
-        "fixup": [0.85, 0.86, 0.84],
-    }))
+    v = _analyse(
+        _rows(
+            {
+                "batchnorm": [0.90, 0.91, 0.92],
+                "none": [0.10, 0.10, 0.10],
+                "none-merge": [0.10, 0.11, 0.10],
+                "skipinit-0": [0.89, 0.92, 0.91],
+                "skipinit-sqrt": [0.90, 0.90, 0.93],
+                "fixup": [0.85, 0.86, 0.84],
+            }
+        )
+    )
     assert v.status == "holds", v.summary
     assert v.numbers["depth"] == 100 and v.numbers["test_acc"]["fixup"]["mean"] == pytest.approx(0.85)
 

@@ -41,8 +41,16 @@ def test_probing_inside_the_training_callback_changes_nothing():
     from normlab.lab.probes import gradient_landscape, hessian_eigenvalues
     from normlab.lab.train import TrainConfig, train
 
-    cfg = TrainConfig(dataset="digits", model="mlp", model_kwargs={"width": 8, "depth": 2}, norm="batchnorm",
-                      lr=0.05, epochs=1, max_steps=6, threads=1)
+    cfg = TrainConfig(
+        dataset="digits",
+        model="mlp",
+        model_kwargs={"width": 8, "depth": 2},
+        norm="batchnorm",
+        lr=0.05,
+        epochs=1,
+        max_steps=6,
+        threads=1,
+    )
     from normlab.lab.data import load_dataset
 
     ds = load_dataset("digits", seed=0)
@@ -69,8 +77,17 @@ def _rows(beta, lam, depths=(2, 10), norms=("batchnorm", "none")):
     for d in depths:
         for n in norms:
             for s, (b, l) in enumerate(zip(beta[(d, n)], lam[(d, n)])):
-                rows.append({"depth": d, "norm": n, "seed": s, "log10_beta_eff": b, "log10_lambda_max": l,
-                             "log10_loss_range": -1.0, "diverged": False})
+                rows.append(
+                    {
+                        "depth": d,
+                        "norm": n,
+                        "seed": s,
+                        "log10_beta_eff": b,
+                        "log10_lambda_max": l,
+                        "log10_loss_range": -1.0,
+                        "diverged": False,
+                    }
+                )
     return rows
 
 
@@ -79,10 +96,18 @@ ANALYSE = get_experiment("smoothness").analyse
 
 
 def test_verdict_holds_when_the_deep_net_is_smoother_with_bn_even_if_the_shallow_one_is_not():
-    beta = {(2, "batchnorm"): [1.0, 1.1, 1.0], (2, "none"): [0.5, 0.5, 0.6],  # shallow: BN *rougher*
-            (10, "batchnorm"): [1.0, 1.1, 1.05], (10, "none"): [1.5, 1.6, 1.55]}
-    lam = {(2, "batchnorm"): [0.9, 1.0, 0.95], (2, "none"): [0.5, 0.4, 0.5],
-           (10, "batchnorm"): [0.9, 1.0, 0.95], (10, "none"): [1.5, 1.4, 1.6]}
+    beta = {
+        (2, "batchnorm"): [1.0, 1.1, 1.0],
+        (2, "none"): [0.5, 0.5, 0.6],  # shallow: BN *rougher*
+        (10, "batchnorm"): [1.0, 1.1, 1.05],
+        (10, "none"): [1.5, 1.6, 1.55],
+    }
+    lam = {
+        (2, "batchnorm"): [0.9, 1.0, 0.95],
+        (2, "none"): [0.5, 0.4, 0.5],
+        (10, "batchnorm"): [0.9, 1.0, 0.95],
+        (10, "none"): [1.5, 1.4, 1.6],
+    }
     v = ANALYSE(_rows(beta, lam), CFG)
     assert v.status == "holds"
     assert v.numbers["decided_by_depth"] == 10
@@ -106,8 +131,14 @@ def test_verdict_is_inconclusive_when_seeds_overlap():
 
 
 def test_summarise_run_drops_non_finite_points_and_uses_geometric_means():
-    s = summarise_run({"beta_eff": [10.0, 1000.0, float("nan")], "lambda_max": [1.0, -3.0], "loss_range": [0.1],
-                       "grad_change": [[1.0, 10.0]]})
+    s = summarise_run(
+        {
+            "beta_eff": [10.0, 1000.0, float("nan")],
+            "lambda_max": [1.0, -3.0],
+            "loss_range": [0.1],
+            "grad_change": [[1.0, 10.0]],
+        }
+    )
     assert s["log10_beta_eff"] == pytest.approx(2.0) and s["dropped_beta_eff"] == 1
     # the top eigenvalue by magnitude may be negative: its magnitude is the curvature that matters
     assert s["log10_lambda_max"] == pytest.approx(0.5 * math.log10(3.0)) and s["dropped_lambda_max"] == 0

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from normlab.registry import RegistryError
+
 from normlab.lab.experiments import framework as base
 from normlab.lab.experiments.framework import (
     Experiment,
@@ -152,7 +154,7 @@ def toy():
     register_experiment(exp)
     CALLS.clear()
     yield exp
-    base._EXPERIMENTS.pop(exp.name, None)
+    base.EXPERIMENTS.unregister(exp.name)
 
 
 def test_register_raises_on_duplicates(toy):
@@ -160,10 +162,10 @@ def test_register_raises_on_duplicates(toy):
         register_experiment(toy)
     import dataclasses
 
-    with pytest.raises(KeyError, match="C999 already has"):
+    with pytest.raises(KeyError, match="'c999' is already registered"):
         register_experiment(dataclasses.replace(toy, name="test-toy-2"))
     assert get_experiment("test-toy") is toy and get_experiment("c999") is toy
-    with pytest.raises(ConfigError, match="registered experiments: .*test-toy"):
+    with pytest.raises(RegistryError, match="known experiments: .*test-toy"):
         get_experiment("no-such-experiment")
 
 

@@ -16,7 +16,9 @@ def _both_backends(backend):
 
 def _registered():
     """Every registered norm but "none" and the ones random by design (noisy BN: no fixed function to check)."""
-    return [n for n in normlab.norm_names() if n != "none" and not getattr(normlab.make_norm(n, 3), "stochastic", False)]
+    return [
+        n for n in normlab.norm_names() if n != "none" and not getattr(normlab.make_norm(n, 3), "stochastic", False)
+    ]
 
 
 def _fresh(name, c, feature_dim=1):
@@ -115,10 +117,18 @@ def test_hessian_vector_product_through_batchnorm_matches_torch():
 @pytest.mark.parametrize(
     "ours,ref",
     [
-        (lambda x, w, b: normlab.functional.batch_norm(x, None, None, w, b, True, feature_dim=-1),
-         lambda x, w, b: R.batch_norm(x, w, b, feature_dim=-1)),
-        (lambda x, w, b: normlab.functional.group_norm(x, 1, w[:4], b[:4]), lambda x, w, b: R.group_norm(x, 1, w[:4], b[:4])),
-        (lambda x, w, b: normlab.functional.instance_norm(x, weight=w[:4], bias=b[:4]), lambda x, w, b: R.instance_norm(x, w[:4], b[:4])),
+        (
+            lambda x, w, b: normlab.functional.batch_norm(x, None, None, w, b, True, feature_dim=-1),
+            lambda x, w, b: R.batch_norm(x, w, b, feature_dim=-1),
+        ),
+        (
+            lambda x, w, b: normlab.functional.group_norm(x, 1, w[:4], b[:4]),
+            lambda x, w, b: R.group_norm(x, 1, w[:4], b[:4]),
+        ),
+        (
+            lambda x, w, b: normlab.functional.instance_norm(x, weight=w[:4], bias=b[:4]),
+            lambda x, w, b: R.instance_norm(x, w[:4], b[:4]),
+        ),
         (lambda x, w, b: normlab.functional.layer_norm(x, (5,), w, b), lambda x, w, b: R.layer_norm(x, (5,), w, b)),
         (lambda x, w, b: normlab.functional.rms_norm(x, (5,), w, 1e-5), lambda x, w, b: R.rms_norm(x, (5,), w)),
     ],

@@ -4,10 +4,11 @@ import itertools
 
 import pytest
 import torch
+from conftest import tol
 from torch import nn
 
 import normlab
-from conftest import tol
+
 
 @pytest.fixture(autouse=True)
 def _both_backends(backend):
@@ -103,7 +104,10 @@ def test_batchnorm_eval_after_training_uses_running_stats():
 @pytest.mark.parametrize("layout", ["NHWC", "NSD"])
 def test_batchnorm_feature_axis_last_matches_torch_on_moved_axes(dtype, layout):
     shape = (4, 5, 6, 3) if layout == "NHWC" else (4, 9, 3)
-    ours, ref = normlab.BatchNorm(3, feature_dim=-1).to(dtype), (nn.BatchNorm2d(3) if layout == "NHWC" else nn.BatchNorm1d(3)).to(dtype)
+    ours, ref = (
+        normlab.BatchNorm(3, feature_dim=-1).to(dtype),
+        (nn.BatchNorm2d(3) if layout == "NHWC" else nn.BatchNorm1d(3)).to(dtype),
+    )
     t = tol(dtype)
     for _ in range(3):
         x = (torch.randn(shape, dtype=dtype) * 2 - 1).requires_grad_()
@@ -155,11 +159,19 @@ def test_rmsnorm_matches_torch(dtype, ns, shape, kw):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "groups,shape,kw",
-    [(2, (4, 6, 5, 3), {}), (1, (3, 6, 7), {}), (6, (3, 6, 4, 4), {}), (3, (5, 6), {}), (2, (2, 4, 3, 2, 2), {"affine": False})],
+    [
+        (2, (4, 6, 5, 3), {}),
+        (1, (3, 6, 7), {}),
+        (6, (3, 6, 4, 4), {}),
+        (3, (5, 6), {}),
+        (2, (2, 4, 3, 2, 2), {"affine": False}),
+    ],
     ids=["2d", "one-group-1d", "per-channel", "no-spatial", "3d-no-affine"],
 )
 def test_groupnorm_matches_torch(dtype, groups, shape, kw):
-    _assert_pair(normlab.GroupNorm(groups, shape[1], **kw), nn.GroupNorm(groups, shape[1], **kw), shape, dtype, True, steps=1)
+    _assert_pair(
+        normlab.GroupNorm(groups, shape[1], **kw), nn.GroupNorm(groups, shape[1], **kw), shape, dtype, True, steps=1
+    )
 
 
 IN_CASES = [
@@ -172,7 +184,9 @@ IN_CASES = [
 @pytest.mark.parametrize("case", IN_CASES, ids=["1d", "2d", "3d"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("kw", [{}, {"affine": True}, {"track_running_stats": True, "affine": True}], ids=["plain", "affine", "tracking"])
+@pytest.mark.parametrize(
+    "kw", [{}, {"affine": True}, {"track_running_stats": True, "affine": True}], ids=["plain", "affine", "tracking"]
+)
 def test_instancenorm_matches_torch(case, dtype, train, kw):
     ours_cls, ref_cls, shape = case
     _assert_pair(ours_cls(shape[1], **kw), ref_cls(shape[1], **kw), shape, dtype, train)
@@ -216,7 +230,9 @@ def test_half_precision_inputs_accumulate_in_float32(dtype):
     ref = nn.functional.batch_norm(x, None, None, training=True)
     torch.testing.assert_close(y.float(), ref, rtol=0, atol=0.25 if dtype == torch.bfloat16 else 0.05)
     ln = normlab.LayerNorm(5)(x.to(dtype))
-    torch.testing.assert_close(ln.float(), nn.functional.layer_norm(x, (5,)), rtol=0, atol=0.25 if dtype == torch.bfloat16 else 0.05)
+    torch.testing.assert_close(
+        ln.float(), nn.functional.layer_norm(x, (5,)), rtol=0, atol=0.25 if dtype == torch.bfloat16 else 0.05
+    )
 
 
 def test_functional_api_matches_torch_functional():

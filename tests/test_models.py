@@ -126,15 +126,26 @@ def test_device_and_dtype():
 # ------------------------------------------------------------------ placement (MLP / CNN)
 
 
-@pytest.mark.parametrize("position, order, norm_width", [
-    ("pre_act", ["linear", "norm", "act"], 16),
-    ("post_act", ["linear", "act", "norm"], 16),
-    ("before_linear", ["norm", "linear", "act"], 12),
-])
+@pytest.mark.parametrize(
+    "position, order, norm_width",
+    [
+        ("pre_act", ["linear", "norm", "act"], 16),
+        ("post_act", ["linear", "act", "norm"], 16),
+        ("before_linear", ["norm", "linear", "act"], 12),
+    ],
+)
 @pytest.mark.parametrize("drop_at, drop_after", [("after_act", "act"), ("before_norm", None)])
 def test_mlp_norm_and_dropout_positions(position, order, norm_width, drop_at, drop_after):
-    model = build_model("mlp", in_shape=(12,), num_classes=K, width=16, depth=2, norm_position=position,
-                        dropout=0.5, dropout_position=drop_at)
+    model = build_model(
+        "mlp",
+        in_shape=(12,),
+        num_classes=K,
+        width=16,
+        depth=2,
+        norm_position=position,
+        dropout=0.5,
+        dropout_position=drop_at,
+    )
     first = model.blocks[0]
     names = [n for n, _ in first.named_children()]
     expected = list(order)
@@ -178,8 +189,9 @@ def test_cnn_uses_conv_of_the_input_dimension(in_shape, conv):
 
 
 def test_resnet_blocks_expose_branch_and_compute_skip_plus_alpha_branch():
-    model = build_model("resnet", in_shape=(3, 16, 16), num_classes=K, depth=7, stages=3, base_width=4, width=2,
-                        residual_scale=0.3)
+    model = build_model(
+        "resnet", in_shape=(3, 16, 16), num_classes=K, depth=7, stages=3, base_width=4, width=2, residual_scale=0.3
+    )
     blocks = list(model.blocks)
     assert len(blocks) == 7 and all(isinstance(b, ResidualBlock) and isinstance(b.branch, nn.Module) for b in blocks)
     assert model.stage_starts == [0, 3, 5]  # 7 blocks over 3 stages: 3, 2, 2
@@ -197,8 +209,9 @@ def test_resnet_blocks_expose_branch_and_compute_skip_plus_alpha_branch():
 
 @pytest.mark.parametrize("in_shape", [(3, 8, 8), (2, 24)])
 def test_skipinit_zero_makes_every_identity_block_the_identity(in_shape):
-    model = build_model("resnet", in_shape=in_shape, num_classes=K, norm_layer="none", depth=6, base_width=4,
-                        residual_scale=0.0)
+    model = build_model(
+        "resnet", in_shape=in_shape, num_classes=K, norm_layer="none", depth=6, base_width=4, residual_scale=0.0
+    )
     h = model.stem(torch.randn(4, *in_shape))
     identity_blocks = 0
     for b in model.blocks:
@@ -212,10 +225,13 @@ def test_skipinit_zero_makes_every_identity_block_the_identity(in_shape):
     assert identity_blocks == 4  # 6 blocks, 2 of them open a new stage
 
 
-@pytest.mark.parametrize("position, names", [
-    ("pre_act", ["norm1", "act1", "conv1", "norm2", "act2", "conv2"]),
-    ("post_act", ["act1", "norm1", "conv1", "act2", "norm2", "conv2"]),
-])
+@pytest.mark.parametrize(
+    "position, names",
+    [
+        ("pre_act", ["norm1", "act1", "conv1", "norm2", "act2", "conv2"]),
+        ("post_act", ["act1", "norm1", "conv1", "act2", "norm2", "conv2"]),
+    ],
+)
 def test_resnet_norm_position(position, names):
     model = build_model("resnet", in_shape=(2, 8, 8), num_classes=K, depth=3, base_width=4, norm_position=position)
     assert all([n for n, _ in b.branch.named_children()] == names for b in model.blocks)
@@ -224,16 +240,32 @@ def test_resnet_norm_position(position, names):
 
 
 def test_merge_scale_divides_each_sum_by_sqrt2():
-    model = build_model("resnet", in_shape=(2, 8, 8), num_classes=K, norm_layer="none", depth=3, stages=1,
-                        base_width=4, merge_scale=True)
+    model = build_model(
+        "resnet",
+        in_shape=(2, 8, 8),
+        num_classes=K,
+        norm_layer="none",
+        depth=3,
+        stages=1,
+        base_width=4,
+        merge_scale=True,
+    )
     b = model.blocks[1]
     h = torch.randn(3, 4, 8, 8)
     torch.testing.assert_close(b(h), (h + b.branch(h)) / math.sqrt(2))
 
 
 def test_identity_activation_gives_a_linear_network():
-    model = build_model("resnet", in_shape=(2, 8, 8), num_classes=K, norm_layer="none", depth=4, base_width=4,
-                        activation="identity", residual_scale=0.5).double()
+    model = build_model(
+        "resnet",
+        in_shape=(2, 8, 8),
+        num_classes=K,
+        norm_layer="none",
+        depth=4,
+        base_width=4,
+        activation="identity",
+        residual_scale=0.5,
+    ).double()
     assert not any(isinstance(m, (nn.ReLU, nn.MaxPool2d)) for m in model.modules())
     x, y = torch.randn(3, 2, 8, 8, dtype=torch.float64), torch.randn(3, 2, 8, 8, dtype=torch.float64)
     f0 = model(torch.zeros_like(x))  # the bias terms
@@ -254,8 +286,9 @@ def test_resnet_depth_convention_and_wrn_helper():
 
 
 def test_fixup_resnet_structure_and_init():
-    model = build_model("resnet", in_shape=(3, 8, 8), num_classes=K, norm_layer="none", fixup=True, depth=4,
-                        base_width=8, stages=1)
+    model = build_model(
+        "resnet", in_shape=(3, 8, 8), num_classes=K, norm_layer="none", fixup=True, depth=4, base_width=8, stages=1
+    )
     for b in model.blocks:
         assert torch.count_nonzero(b.branch.conv2.weight) == 0
         assert torch.count_nonzero(b.branch.conv1.weight) > 0
@@ -270,8 +303,15 @@ def test_fixup_resnet_structure_and_init():
 
 
 def test_weight_standardization_option_uses_scaled_ws_convs():
-    model = build_model("resnet", in_shape=(3, 8, 8), num_classes=K, norm_layer="none", depth=3, base_width=4,
-                        weight_standardization=True)
+    model = build_model(
+        "resnet",
+        in_shape=(3, 8, 8),
+        num_classes=K,
+        norm_layer="none",
+        depth=3,
+        base_width=4,
+        weight_standardization=True,
+    )
     ws = [m for m in model.modules() if isinstance(m, ScaledStdConv2d)]
     relu_gamma = math.sqrt(2 / (1 - 1 / math.pi))
     assert len(ws) == 2 * 3 + 2 and all(m.gamma == pytest.approx(relu_gamma, rel=1e-7) for m in ws)
@@ -282,8 +322,9 @@ def test_deep_resnet_builds_and_stays_finite():
     torch.manual_seed(0)
     x = torch.randn(8, 3, 8, 8)
     for norm, scale in (("batchnorm", None), ("none", 0.0), ("none", 1 / math.sqrt(120))):
-        model = build_model("resnet", in_shape=(3, 8, 8), num_classes=K, norm_layer=norm, depth=120, base_width=4,
-                            residual_scale=scale)
+        model = build_model(
+            "resnet", in_shape=(3, 8, 8), num_classes=K, norm_layer=norm, depth=120, base_width=4, residual_scale=scale
+        )
         assert len(model.blocks) == 120
         out = model(x)
         assert torch.isfinite(out).all()
@@ -294,8 +335,9 @@ def test_deep_resnet_builds_and_stays_finite():
 def test_batchnorm_resnet_skip_variance_grows_linearly_at_init():
     """The structure C9 measures: each normalised branch adds about unit variance to the skip path."""
     torch.manual_seed(0)
-    model = build_model("resnet", in_shape=(4, 8, 8), num_classes=K, depth=24, stages=1, base_width=16,
-                        activation="identity")
+    model = build_model(
+        "resnet", in_shape=(4, 8, 8), num_classes=K, depth=24, stages=1, base_width=16, activation="identity"
+    )
     with torch.no_grad():
         h = model.stem(torch.randn(128, 4, 8, 8))
         v0 = float(h.var())
@@ -315,8 +357,15 @@ def test_transformer_masked_positions_do_not_matter_with_masked_batchnorm():
     for norm in ("layernorm", "rmsnorm", "batchnorm"):
         model = build_model("transformer", in_shape=(10, 6), num_classes=K, norm_layer=norm, d_model=16, heads=2)
         torch.testing.assert_close(model(noisy, mask), model(x, mask))  # train mode: BN statistics too
-    leaky = build_model("transformer", in_shape=(10, 6), num_classes=K, norm_layer="batchnorm", d_model=16, heads=2,
-                        mask_norm_stats=False)
+    leaky = build_model(
+        "transformer",
+        in_shape=(10, 6),
+        num_classes=K,
+        norm_layer="batchnorm",
+        d_model=16,
+        heads=2,
+        mask_norm_stats=False,
+    )
     assert not torch.allclose(leaky(noisy, mask), leaky(x, mask), atol=1e-4)  # padding enters BN's statistics
 
 

@@ -134,7 +134,9 @@ def test_hvp_through_normlab_batchnorm_equals_torch_double_backward(mode):
     buffers = {n: b.clone() for n, b in ref.named_buffers()}
 
     def f(*ps):
-        out = torch.func.functional_call(ref, ({**dict(zip(names, ps))}, {k: b.clone() for k, b in buffers.items()}), (x,))
+        out = torch.func.functional_call(
+            ref, ({**dict(zip(names, ps))}, {k: b.clone() for k, b in buffers.items()}), (x,)
+        )
         return nn.functional.cross_entropy(out, y)
 
     _, hv_ref = torch.autograd.functional.hvp(f, tuple(p.detach() for p in ref.parameters()), tuple(v))
@@ -144,7 +146,9 @@ def test_hvp_through_normlab_batchnorm_equals_torch_double_backward(mode):
         torch.testing.assert_close(b, c, rtol=1e-9, atol=1e-11)
     if mode == "eval":  # and torch.func's forward-over-reverse HVP (no buffer mutation in eval)
         params = {n: p.detach() for n, p in ref.named_parameters()}
-        grad_fn = torch.func.grad(lambda p: nn.functional.cross_entropy(torch.func.functional_call(ref, (p, buffers), (x,)), y))
+        grad_fn = torch.func.grad(
+            lambda p: nn.functional.cross_entropy(torch.func.functional_call(ref, (p, buffers), (x,)), y)
+        )
         _, hv_func = torch.func.jvp(grad_fn, (params,), (dict(zip(names, v)),))
         for n, a in zip(names, hv_ours):
             torch.testing.assert_close(a, hv_func[n], rtol=1e-9, atol=1e-11)
@@ -198,7 +202,9 @@ def test_loss_slices_on_quadratic_match_closed_forms():
     L = lambda v: 0.5 * float(v @ a @ v)  # noqa: E731
     s1 = probes.loss_slice_1d(m, quad_loss(m, a), mode="train", alphas=alphas, direction={"w": d1})
     np.testing.assert_allclose(s1.loss, [L(w + al * d1) for al in alphas], rtol=1e-12)
-    s2 = probes.loss_slice_2d(m, quad_loss(m, a), mode="train", alphas=alphas, betas=betas, directions=({"w": d1}, {"w": d2}))
+    s2 = probes.loss_slice_2d(
+        m, quad_loss(m, a), mode="train", alphas=alphas, betas=betas, directions=({"w": d1}, {"w": d2})
+    )
     assert s2.loss.shape == (5, 3)
     np.testing.assert_allclose(s2.loss, [[L(w + al * d1 + be * d2) for be in betas] for al in alphas], rtol=1e-12)
     assert s2.loss0 == pytest.approx(L(w))
@@ -219,7 +225,9 @@ def test_random_direction_is_filter_normalised_and_seeded():
     d_keep = probes.random_direction(m, seed=3, ignore_1d=False)
     assert torch.equal(d_keep["1.weight"], m[1].weight.detach())
     x = torch.randn(8, 3, 6, 6)
-    s = probes.loss_slice_2d(m, lambda out, y: out.pow(2).mean(), (x, x), mode="train", alphas=[-0.5, 0, 0.5], betas=[0, 1], seed=3)
+    s = probes.loss_slice_2d(
+        m, lambda out, y: out.pow(2).mean(), (x, x), mode="train", alphas=[-0.5, 0, 0.5], betas=[0, 1], seed=3
+    )
     assert s.loss[1, 0] == pytest.approx(s.loss0, rel=1e-6) and np.all(np.isfinite(s.loss))
 
 
@@ -308,7 +316,7 @@ def test_distribution_shift_between_two_measurements():
     before = probes.input_moments(lin, x, mode="train")
     after = probes.input_moments(lin, x * 2 + c, mode="train")
     sh = probes.distribution_shift(before, after)[""]
-    dm = (after[""].mean - before[""].mean)
+    dm = after[""].mean - before[""].mean
     torch.testing.assert_close(after[""].mean, 2 * before[""].mean + c.double())
     assert sh["mean_shift"] == pytest.approx(float(dm.pow(2).mean().sqrt()))
     assert sh["log_var_shift"] == pytest.approx(math.log(4), rel=1e-6)  # variance x4 in every feature
@@ -381,7 +389,9 @@ def test_residual_stats_on_normlab_resnet_blocks_with_skipinit_and_projection():
     torch.manual_seed(0)
     proj = nn.Conv2d(3, 4, 1)
     net = nn.Sequential(
-        ResidualBlock(nn.Sequential(normlab.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)), skip=proj, alpha=SkipInit(0.25)),
+        ResidualBlock(
+            nn.Sequential(normlab.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)), skip=proj, alpha=SkipInit(0.25)
+        ),
         ResidualBlock(nn.Sequential(normlab.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1))),
     )
     x = torch.randn(6, 3, 5, 5)

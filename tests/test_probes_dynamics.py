@@ -22,7 +22,10 @@ def mse(out, y):
 
 
 def hand_grads(w1, w2, x, y):
-    """Gradients of 1/2 mean_n |W2 W1 x_n - y_n|^2: G1 = W2^T R^T X / n, G2 = R^T (W1 X^T)^T / n, R = X W1^T W2^T - Y."""
+    """Gradients of 1/2 mean_n |W2 W1 x_n - y_n|^2.
+
+    G1 = W2^T R^T X / n, G2 = R^T (W1 X^T)^T / n, R = X W1^T W2^T - Y.
+    """
     n = x.shape[0]
     h = x @ w1.T  # (n, 3)
     r = h @ w2.T - y  # (n, 2)

@@ -116,7 +116,9 @@ PROBES = {
     "residual_stats": lambda m, o, mode: probes.residual_stats(m, X, mode=mode),
     "saturation": lambda m, o, mode: probes.saturation(m, X, mode=mode),
     "gradient_norms": lambda m, o, mode: probes.gradient_norms(m, CE, (X, Y), mode=mode),
-    "internal_covariate_shift": lambda m, o, mode: probes.internal_covariate_shift(m, CE, (X, Y), optimizer=o, mode=mode),
+    "internal_covariate_shift": lambda m, o, mode: probes.internal_covariate_shift(
+        m, CE, (X, Y), optimizer=o, mode=mode
+    ),
 }
 
 
@@ -154,7 +156,9 @@ def test_train_mode_probe_sees_batch_statistics_and_eval_mode_running_statistics
     model.train()
     torch.manual_seed(1)
     x = torch.randn(8, 3, 5, 5) * 4 + 3  # far from the running statistics
-    st_train = probes.layer_input_stats(model, x, mode="train", layers=["5"], covariance=False)["5"]  # after the torch BN
+    st_train = probes.layer_input_stats(model, x, mode="train", layers=["5"], covariance=False)[
+        "5"
+    ]  # after the torch BN
     st_eval = probes.layer_input_stats(model, x, mode="eval", layers=["5"], covariance=False)["5"]
     bn = model[4]  # train mode: per channel, mean = bias and variance = weight^2 (up to eps)
     torch.testing.assert_close(st_train.mean, bn.bias.detach().double(), atol=1e-5, rtol=0)

@@ -48,7 +48,9 @@ def test_closed_forms():
     # BN, v1 = alpha = 1: P[k] = c(d+1, k+1) / (d+1)!
     d = 15
     c = stirling_first_kind(d + 1)
-    np.testing.assert_allclose(probes.bn_path_distribution(d), [c[k + 1] / math.factorial(d + 1) for k in range(d + 1)], rtol=1e-12)
+    np.testing.assert_allclose(
+        probes.bn_path_distribution(d), [c[k + 1] / math.factorial(d + 1) for k in range(d + 1)], rtol=1e-12
+    )
     # no normalisation, alpha = 1: every path carries the same variance, Binomial(d, 1/2) (Veit et al.)
     d = 20
     np.testing.assert_allclose(

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import normlab.functional as NF
 
+
 @pytest.fixture(autouse=True)
 def _both_backends(backend):
     """Every test here runs on the compiled kernels and on the tensor-op kernels."""
@@ -93,7 +94,12 @@ def test_row_norms_match_closed_form_and_torch(x, kind):
     all_but_batch = tuple(range(1, x.dim()))
     ours, ref, axes, centered = {
         "layer": (lambda t: NF.layer_norm(t, trail), lambda t: F.layer_norm(t, trail), all_but_batch, True),
-        "rms": (lambda t: NF.rms_norm(t, trail, eps=1e-5), lambda t: F.rms_norm(t, trail, eps=1e-5), all_but_batch, False),
+        "rms": (
+            lambda t: NF.rms_norm(t, trail, eps=1e-5),
+            lambda t: F.rms_norm(t, trail, eps=1e-5),
+            all_but_batch,
+            False,
+        ),
         # one group per channel: statistics per (sample, channel), as InstanceNorm
         "group": (lambda t: NF.group_norm(t, c), lambda t: F.group_norm(t, c), tuple(range(2, x.dim())), True),
         "instance": (lambda t: NF.instance_norm(t), lambda t: F.instance_norm(t), tuple(range(2, x.dim())), True),

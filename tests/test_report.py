@@ -13,11 +13,11 @@ import types
 from html.parser import HTMLParser
 from pathlib import Path
 
+import _report_store as fake
 import pytest
 
-import _report_store as fake
-from normlab.lab.experiments import framework as base
 from normlab.lab.experiments import experiment_names, get_experiment
+from normlab.lab.experiments import framework as base
 from normlab.lab.report import NOT_RUN, ReportError, build_report, collect, key_numbers, paper_number, report_main
 from normlab.lab.store import RunStore, read_json
 
@@ -142,7 +142,7 @@ def test_every_registered_claim_is_in_the_overview_with_its_stored_verdict_or_no
     assert statuses >= set(STATUS_WORDS)
     # claims in claim order, then the example that has stored runs
     order = [r[1].split(" ")[0] for r in built.page.rows]
-    assert order[: len(claims)] == claims and order[len(claims):] == ["smoke-example"]
+    assert order[: len(claims)] == claims and order[len(claims) :] == ["smoke-example"]
 
 
 def test_overview_numbers_are_the_mean_and_std_over_seeds_of_the_stored_runs(built):
@@ -236,7 +236,11 @@ def test_no_reference_to_any_external_resource(built):
     text = "".join(page.texts)
     for scheme in ("http://", "https://"):
         assert built.html.count(scheme) == text.count(scheme)
-    csp = [a["content"] for t, a in page.tags if t == "meta" and a.get("http-equiv", "").lower() == "content-security-policy"]
+    csp = [
+        a["content"]
+        for t, a in page.tags
+        if t == "meta" and a.get("http-equiv", "").lower() == "content-security-policy"
+    ]
     assert csp and "default-src 'none'" in csp[0] and "img-src data:" in csp[0]
 
 
@@ -362,11 +366,18 @@ def test_building_never_runs_analyses_or_plots(built, monkeypatch, tmp_path):
     def forbidden(*a, **k):
         raise AssertionError("the report must only read the store")
 
-    for mod, attr in ((normlab.lab.train, "train"), (base, "run_experiment"), (base, "analyse_stored"), (base, "sweep")):
+    for mod, attr in (
+        (normlab.lab.train, "train"),
+        (base, "run_experiment"),
+        (base, "analyse_stored"),
+        (base, "sweep"),
+    ):
         monkeypatch.setattr(mod, attr, forbidden)
     for k in fake.ALLOW_RUNNING:
         monkeypatch.setitem(fake.ALLOW_RUNNING, k, False)
-    before = {p: p.stat().st_mtime_ns for p in built.root.rglob("*") if p.is_file() and not p.name.startswith("report.")}
+    before = {
+        p: p.stat().st_mtime_ns for p in built.root.rglob("*") if p.is_file() and not p.name.startswith("report.")
+    }
     out = build_report(built.root, tmp_path / "again.html")
     assert Page(out.read_text(encoding="utf-8")).row("report-fake-holds")[2] == "holds"
     after = {p: p.stat().st_mtime_ns for p in built.root.rglob("*") if p.is_file() and not p.name.startswith("report.")}

@@ -17,14 +17,13 @@ import os
 import re
 from pathlib import Path
 
-import pytest
-
 import _browser
 import _report_store as fake
+import pytest
+
 from normlab.lab.experiments import experiment_names
 from normlab.lab.report import build_report
 from normlab.lab.store import read_json
-
 
 FIRST_SECTION_WITH_FIGURES = "section.exp:has(img)"
 
@@ -81,7 +80,9 @@ def test_every_figure_loads_and_renders(loaded, report, shots_dir, capsys):
     top.write_bytes(loaded.screenshot)
     full.write_bytes(loaded.full_screenshot)
     section.write_bytes(loaded.element_shots[FIRST_SECTION_WITH_FIGURES])
-    _say(capsys, f"report screenshots: {top} (first screen), {section} (first section with figures), {full} (whole page)")
+    _say(
+        capsys, f"report screenshots: {top} (first screen), {section} (first section with figures), {full} (whole page)"
+    )
     assert _image(loaded.screenshot).size == (1366, 860)
     assert _image(section.read_bytes()).size[1] > 300
 
@@ -140,7 +141,7 @@ def test_the_harness_catches_broken_images_and_network_requests(exe, tmp_path):
     """The checks above can fail: a page with a missing file and a web image trips both."""
     bad = tmp_path / "bad.html"
     bad.write_text(
-        '<!DOCTYPE html><html><body><p>bad page</p>'
+        "<!DOCTYPE html><html><body><p>bad page</p>"
         '<img src="missing.png" alt="missing"><img src="https://normlab-report-test.invalid/x.png" alt="web">'
         "</body></html>",
         encoding="utf-8",

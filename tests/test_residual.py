@@ -111,12 +111,22 @@ def _ws_numpy(w: np.ndarray, gain: np.ndarray, gamma: float, eps: float) -> np.n
     return out.reshape(w.shape)
 
 
-@pytest.mark.parametrize("make, x_shape, op", [
-    (lambda: ScaledStdConv2d(3, 5, 3, padding=1, gamma=1.7), (2, 3, 6, 6),
-     lambda x, w, b: F.conv2d(x, w, b, padding=1)),
-    (lambda: ScaledStdConv1d(3, 5, 5, stride=2, gamma=1.0), (2, 3, 20), lambda x, w, b: F.conv1d(x, w, b, stride=2)),
-    (lambda: WSLinear(7, 5, gamma=1.3), (4, 7), F.linear),
-])
+@pytest.mark.parametrize(
+    "make, x_shape, op",
+    [
+        (
+            lambda: ScaledStdConv2d(3, 5, 3, padding=1, gamma=1.7),
+            (2, 3, 6, 6),
+            lambda x, w, b: F.conv2d(x, w, b, padding=1),
+        ),
+        (
+            lambda: ScaledStdConv1d(3, 5, 5, stride=2, gamma=1.0),
+            (2, 3, 20),
+            lambda x, w, b: F.conv1d(x, w, b, stride=2),
+        ),
+        (lambda: WSLinear(7, 5, gamma=1.3), (4, 7), F.linear),
+    ],
+)
 def test_scaled_ws_matches_numpy(make, x_shape, op):
     torch.manual_seed(0)
     layer = make().double()
@@ -141,8 +151,9 @@ def test_scaled_ws_is_differentiable_and_eps_floors_constant_weights():
     layer = WSLinear(4, 3, gamma=1.0).double()
     x = torch.randn(5, 4, dtype=torch.float64)
     fn = lambda w, g: F.linear(x, scaled_weight_standardization(w, g, 1.3, 1e-4))  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (layer.weight.detach().clone().requires_grad_(),
-                                         torch.rand(3, dtype=torch.float64, requires_grad=True)))
+    assert torch.autograd.gradcheck(
+        fn, (layer.weight.detach().clone().requires_grad_(), torch.rand(3, dtype=torch.float64, requires_grad=True))
+    )
     with torch.no_grad():
         layer.weight.fill_(0.5)  # zero variance: W - mean = 0, the floor avoids 0/0
     assert torch.equal(layer.standardized_weight(), torch.zeros(3, 4, dtype=torch.float64))

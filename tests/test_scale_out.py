@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import concurrent.futures.process
-import json
 import os
 import socket
 import subprocess
@@ -25,20 +24,28 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import _scale_out_helpers as helpers
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-import _scale_out_helpers as helpers
 from normlab.lab.cli import main
 from normlab.lab.store import RunStore, claim_run, run_id, sweep
 from normlab.lab.train import TrainConfig, train
 
 # batch 63 over 2 processes: slices of 31 and 32 rows (uneven on purpose)
 DDP_CFG = TrainConfig(
-    dataset="digits", model="mlp", model_kwargs={"width": 32}, norm="batchnorm", epochs=2, batch_size=63,
-    lr=0.1, device="cpu", threads=1, seed=3,
+    dataset="digits",
+    model="mlp",
+    model_kwargs={"width": 32},
+    norm="batchnorm",
+    epochs=2,
+    batch_size=63,
+    lr=0.1,
+    device="cpu",
+    threads=1,
+    seed=3,
 )
 
 
@@ -58,8 +65,13 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         r = train(DDP_CFG.__class__(**{**DDP_CFG.__dict__, "sync_bn": sync}), tune_malloc=False)
         n_sync = sum(isinstance(m, SyncBatchNorm) for m in r.model.modules())
         torch.save(
-            {"step_loss": r.step_loss, "epochs": r.epochs, "state": r.model.state_dict(), "world": r.world_size,
-             "n_sync": n_sync},
+            {
+                "step_loss": r.step_loss,
+                "epochs": r.epochs,
+                "state": r.model.state_dict(),
+                "world": r.world_size,
+                "n_sync": n_sync,
+            },
             Path(out_dir) / f"rank{rank}_sync{int(sync)}.pt",
         )
 
@@ -93,8 +105,16 @@ def _cli(args, env_extra=None, timeout=300):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-TRAIN_SET = ["dataset=digits", "model=mlp", "model_kwargs.width=16", "epochs=1", "batch_size=64", "device=cpu",
-             "threads=1", "seed=1"]
+TRAIN_SET = [
+    "dataset=digits",
+    "model=mlp",
+    "model_kwargs.width=16",
+    "epochs=1",
+    "batch_size=64",
+    "device=cpu",
+    "threads=1",
+    "seed=1",
+]
 
 
 def _check_stored_two_process_run(root: Path) -> None:
@@ -103,8 +123,18 @@ def _check_stored_two_process_run(root: Path) -> None:
     run = runs[0]
     assert run.config()["world_size"] == 2 and run.env()["world_size"] == 2 and run.result()["world_size"] == 2
     assert sorted(p.name for p in run.path.iterdir()) == ["config.json", "env.json", "metrics.json", "result.json"]
-    ref = train(TrainConfig(dataset="digits", model="mlp", model_kwargs={"width": 16}, epochs=1, batch_size=64,
-                            device="cpu", threads=1, seed=1))
+    ref = train(
+        TrainConfig(
+            dataset="digits",
+            model="mlp",
+            model_kwargs={"width": 16},
+            epochs=1,
+            batch_size=64,
+            device="cpu",
+            threads=1,
+            seed=1,
+        )
+    )
     np.testing.assert_allclose(run.metrics()["step_loss"], ref.step_loss, rtol=1e-5, atol=1e-5)
 
 
@@ -120,8 +150,23 @@ def test_cli_train_nproc_2_trains_once_and_only_rank_0_writes(tmp_path):
 
 def test_torchrun_over_python_m_normlab(tmp_path):
     root = tmp_path / "runs"
-    p = _cli(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "normlab", "train",
-              "--root", str(root), "--no-progress", "--set", *TRAIN_SET])
+    p = _cli(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "normlab",
+            "train",
+            "--root",
+            str(root),
+            "--no-progress",
+            "--set",
+            *TRAIN_SET,
+        ]
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     _check_stored_two_process_run(root)
 
@@ -216,8 +261,9 @@ def test_run_experiment_on_a_local_pool_equals_sequential(tmp_path):
     from normlab.lab.experiments import run_experiment
 
     seq = run_experiment("smoke-example", scale="smoke", device="cpu", root=tmp_path / "a", progress=False)
-    pool = run_experiment("smoke-example", scale="smoke", device="cpu", root=tmp_path / "b", progress=False,
-                          executor="local", workers=2)
+    pool = run_experiment(
+        "smoke-example", scale="smoke", device="cpu", root=tmp_path / "b", progress=False, executor="local", workers=2
+    )
     assert sorted(pool.ran) == sorted(seq.ran) and len(seq.ran) == 4
     key = lambda rows: {r["run_id"]: (r["final_test_acc"], r["final_test_loss"], r["step_loss"]) for r in rows}
     assert key(pool.rows) == key(seq.rows)

@@ -17,7 +17,10 @@ PAIRS = [
     (lambda: nn.LayerNorm(5, bias=False), lambda: normlab.LayerNorm(5, bias=False)),
     (lambda: nn.RMSNorm(5), lambda: normlab.RMSNorm(5)),
     (lambda: nn.GroupNorm(5, 5), lambda: normlab.GroupNorm(5, 5)),
-    (lambda: nn.InstanceNorm2d(5, affine=True, track_running_stats=True), lambda: normlab.InstanceNorm2d(5, affine=True, track_running_stats=True)),
+    (
+        lambda: nn.InstanceNorm2d(5, affine=True, track_running_stats=True),
+        lambda: normlab.InstanceNorm2d(5, affine=True, track_running_stats=True),
+    ),
 ]
 
 

@@ -161,8 +161,9 @@ def test_threads_are_set_for_the_run_and_restored():
 
 
 def test_channels_last_gives_the_same_run_as_contiguous():
-    cfg = TrainConfig(dataset="synthetic-images", data_kwargs={"n_train": 256, "n_test": 64, "size": 8},
-                      model="cnn", model_kwargs={"channels": [4, 8]}, epochs=1, batch_size=32, device="cpu")  # fmt: skip
+    data = {"n_train": 256, "n_test": 64, "size": 8}
+    cfg = TrainConfig(dataset="synthetic-images", data_kwargs=data, model="cnn", model_kwargs={"channels": [4, 8]},
+                      epochs=1, batch_size=32, device="cpu")  # fmt: skip
     a = train(cfg)
     b = train(parse_overrides(cfg, ["channels_last=true"]))
     assert len(a.step_loss) == len(b.step_loss) == 8

@@ -10,26 +10,29 @@ conventions and state dicts) with forward and backward written out::
 """
 
 from normlab import functional
+from normlab._audit import AuditReport, audit
 from normlab.convert import convert, to_normlab, to_torch
 from normlab.layers import (
     BatchNorm,
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
+    BatchRenorm,
+    GhostBatchNorm,
     GroupNorm,
     InstanceNorm,
     InstanceNorm1d,
     InstanceNorm2d,
     InstanceNorm3d,
     LayerNorm,
+    NoisyBatchNorm,
     RMSNorm,
+    SyncBatchNorm,
+    convert_sync_batchnorm,
 )
+from normlab.normfree import ScaledStdConv1d, ScaledStdConv2d, SkipInit, WSLinear, adaptive_grad_clip_, fixup_init_
 from normlab.registry import make_norm, norm_names, register_norm
-from normlab.layers import BatchRenorm, GhostBatchNorm, NoisyBatchNorm
-from normlab.layers.sync import SyncBatchNorm, convert_sync_batchnorm
 from normlab.running_stats import accumulate_stats, freeze, recalibrate, unfreeze
-from normlab.normfree import SkipInit, ScaledStdConv1d, ScaledStdConv2d, WSLinear, adaptive_grad_clip_, fixup_init_
-from normlab._audit import AuditReport, audit
 
 __version__ = "0.1.0"
 

@@ -126,9 +126,10 @@ import math
 import shutil
 import sys
 import textwrap
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -301,7 +302,7 @@ class AuditReport:
             lines += ["", head, "-" * (ws + wm + wc + 6 + wt)]
             for f, mod in zip(self.findings, mods):
                 text = _wrap(f.message, wt) + _wrap("fix: " + f.fix, wt)
-                mod_lines = [mod[i:i + wm] for i in range(0, len(mod), wm)]
+                mod_lines = [mod[i : i + wm] for i in range(0, len(mod), wm)]
                 for i in range(max(len(text), len(mod_lines))):
                     sev, check = (f.severity, f.check) if i == 0 else ("", "")
                     m = mod_lines[i] if i < len(mod_lines) else ""
@@ -341,8 +342,13 @@ class AuditReport:
             raise ValueError("AuditReport.from_dict: not a normlab audit report (missing 'normlab_audit': 1)")
         findings = [Finding(**{**f, "related": tuple(f.get("related", ()))}) for f in d["findings"]]
         return cls(
-            model=d["model"], expect=d["expect"], graph=d["graph"], batches=d["batches"], samples=d["samples"],
-            findings=tuple(findings), notes=tuple(d.get("notes", ())),
+            model=d["model"],
+            expect=d["expect"],
+            graph=d["graph"],
+            batches=d["batches"],
+            samples=d["samples"],
+            findings=tuple(findings),
+            notes=tuple(d.get("notes", ())),
         )
 
     @classmethod
@@ -381,7 +387,7 @@ def _class_names(m: nn.Module) -> list[str]:
 
 
 def _norm_kind(m: nn.Module) -> str | None:
-    """"batch" | "instance" | "group" | "layer" | "rms" for norm layers (torch, normlab, timm-style), else None."""
+    """ "batch" | "instance" | "group" | "layer" | "rms" for norm layers (torch, normlab, timm-style), else None."""
     if isinstance(m, (_BatchNorm, _BatchNormBase)):
         return "batch"
     if isinstance(m, (_InstanceNorm, _InstanceNormBase)):
@@ -511,7 +517,13 @@ class _Node:
 
 
 _DROPOUT_FUNCTIONS = {
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    F.feature_alpha_dropout,
+    torch.dropout,
 }
 
 
@@ -588,7 +600,8 @@ class _HookGraph:
         self.active = True
         self._made: dict[int, tuple[_Node, Tensor]] = {}
         targets = [
-            m for m in model.modules()
+            m
+            for m in model.modules()
             if not any(True for _ in m.children()) or _norm_kind(m) or _dropout_p(m) is not None or _is_affine_map(m)
         ]
         self._names = names
@@ -787,7 +800,9 @@ class _Audit:
             conv, w = ew
             if w is None:
                 self.add(
-                    "momentum-cumulative", "info", m,
+                    "momentum-cumulative",
+                    "info",
+                    m,
                     f"momentum=None: the running statistics are the plain average of every batch since the last "
                     f"reset ({_tracked(m)} so far), early-training batches weighing as much as the latest ones.",
                     "fine for a one-off pass over data after training (that is normlab.recalibrate's job); for "
@@ -798,47 +813,67 @@ class _Audit:
             mom = float(m.momentum)
             if conv == "torch" and w >= th.momentum_foreign:
                 self.add(
-                    "momentum-convention", "error", m,
+                    "momentum-convention",
+                    "error",
+                    m,
                     f"momentum={mom:g} in PyTorch's convention gives the newest batch a weight of {w:.0%}: the "
                     f"running statistics are essentially the last (micro-)batch's. {mom:g} is a Keras/Flax/TF "
                     "*decay* (the weight of the old value) carried over as a PyTorch momentum.",
                     f"momentum=normlab.functional.convert_momentum({mom:g}, to='torch')  # = {1 - mom:.3g}",
-                    momentum=mom, convention=conv, new_batch_weight=w,
+                    momentum=mom,
+                    convention=conv,
+                    new_batch_weight=w,
                 )
             elif conv == "decay" and w >= th.momentum_foreign:
                 self.add(
-                    "momentum-convention", "error", m,
+                    "momentum-convention",
+                    "error",
+                    m,
                     f"momentum={mom:g} with momentum_convention='decay' keeps only {mom:.0%} of the old value, so "
                     f"the newest batch weighs {w:.0%}: {mom:g} is a PyTorch momentum read as a decay.",
                     f"momentum=normlab.functional.convert_momentum({mom:g}, to='decay')  # = {1 - mom:.3g}, "
                     "or momentum_convention='torch'",
-                    momentum=mom, convention=conv, new_batch_weight=w,
+                    momentum=mom,
+                    convention=conv,
+                    new_batch_weight=w,
                 )
             elif w <= 0.0:
                 self.add(
-                    "momentum-range", "error", m,
+                    "momentum-range",
+                    "error",
+                    m,
                     f"momentum={mom:g} ({conv} convention): the newest batch has weight 0, so the running "
                     "statistics never move from their current values.",
                     "a weight of the new batch between 0.001 and 0.1 (PyTorch's default is momentum=0.1); "
                     f"model = normlab.freeze(model, ['{self.names[m]}']) if fixed statistics are what you want",
-                    momentum=mom, convention=conv, new_batch_weight=w,
+                    momentum=mom,
+                    convention=conv,
+                    new_batch_weight=w,
                 )
             elif w > th.momentum_high:
                 self.add(
-                    "momentum-range", "warning", m,
+                    "momentum-range",
+                    "warning",
+                    m,
                     f"momentum={mom:g} ({conv} convention) gives the newest batch a weight of {w:.0%}: the last "
                     f"two batches carry {1 - (1 - w) ** 2:.0%} of the running statistics, which are then noisy.",
                     "a weight of the new batch between 0.001 and 0.1 (PyTorch's default momentum=0.1)",
-                    momentum=mom, convention=conv, new_batch_weight=w,
+                    momentum=mom,
+                    convention=conv,
+                    new_batch_weight=w,
                 )
             elif w < th.momentum_low:
                 self.add(
-                    "momentum-range", "warning", m,
+                    "momentum-range",
+                    "warning",
+                    m,
                     f"momentum={mom:g} ({conv} convention) gives the newest batch a weight of {w:.2g}: it takes "
                     f"about {math.log(20) / w:,.0f} batches to forget 95% of the starting values, so after a short "
                     "run (or fine-tuning) the statistics still describe the old weights or data.",
                     "a larger momentum, or normlab.recalibrate(model, loader) after training",
-                    momentum=mom, convention=conv, new_batch_weight=w,
+                    momentum=mom,
+                    convention=conv,
+                    new_batch_weight=w,
                 )
 
     def check_buffers(self) -> None:
@@ -848,8 +883,12 @@ class _Audit:
             gamma = getattr(m, "weight", None)
             beta = getattr(m, "bias", None)
             bad = {}
-            for key, t in (("running_mean", run and run[0]), ("running_var", run and run[1]), ("weight", gamma),
-                           ("bias", beta)):
+            for key, t in (
+                ("running_mean", run and run[0]),
+                ("running_var", run and run[1]),
+                ("weight", gamma),
+                ("bias", beta),
+            ):
                 if _real(t) and t.is_floating_point():
                     k = int((~torch.isfinite(t.detach())).sum())
                     if k:
@@ -860,12 +899,15 @@ class _Audit:
                 if negative:
                     what += (", " if what else "") + f"running_var ({negative} negative)"
                 self.add(
-                    "nonfinite-buffers", "error", m,
+                    "nonfinite-buffers",
+                    "error",
+                    m,
                     f"{what}: every eval output of the affected channels is NaN/inf or meaningless. A NaN batch "
                     "in training (or an overflow in float16) entered the running statistics.",
                     "find the non-finite batch (normlab's BN layers skip such batches and count them in "
                     "num_nonfinite_batches); then normlab.recalibrate(model, loader) to rebuild the statistics",
-                    nonfinite=bad, negative_running_var=negative,
+                    nonfinite=bad,
+                    negative_running_var=negative,
                 )
                 continue
             per_channel = _norm_kind(m) in ("batch", "group", "instance")
@@ -873,7 +915,9 @@ class _Audit:
                 g = gamma.detach().abs().double().flatten()
                 if bool((g == 0).all()):
                     self.add(
-                        "zero-gamma", "info", m,
+                        "zero-gamma",
+                        "info",
+                        m,
                         "every γ of this layer is exactly 0, so it outputs β whatever its input: a zero-initialised "
                         "residual branch (fine at initialisation; a dead branch if still so after training).",
                         "nothing at initialisation; after training, check the layer's γ receives gradients",
@@ -884,12 +928,16 @@ class _Audit:
                     dead = (g < th.dead_gamma * med).nonzero().flatten().tolist() if med > 0 else []
                     if dead:
                         self.add(
-                            "dead-channels", "warning", m,
+                            "dead-channels",
+                            "warning",
+                            m,
                             f"{len(dead)} of {g.numel()} channels have |γ| below {th.dead_gamma:g} x the layer's "
                             f"median |γ| ({med:.3g}): they output the constant β and pass no signal or gradient.",
                             "intended if channels were pruned on purpose; otherwise look for too strong weight decay "
                             "on γ or a saturated input, and consider re-initialising these channels",
-                            channels=dead[:32], count=len(dead), median_abs_gamma=med,
+                            channels=dead[:32],
+                            count=len(dead),
+                            median_abs_gamma=med,
                         )
             if run is not None and run[1].is_floating_point():
                 rv = run[1].detach().double().flatten()
@@ -897,24 +945,32 @@ class _Audit:
                 low = (rv < eps).nonzero().flatten().tolist()
                 if low:
                     self.add(
-                        "dead-channels", "warning", m,
+                        "dead-channels",
+                        "warning",
+                        m,
                         f"{len(low)} of {rv.numel()} channels have a running variance below eps={eps:g}: their input "
                         "was constant in training, and in eval any deviation from the running mean is multiplied "
                         f"by up to 1/sqrt(eps) = {1 / math.sqrt(eps) if eps > 0 else float('inf'):.3g}.",
                         "look for dead ReLUs or a constant input before this layer; normlab.recalibrate(model, "
                         "loader) if the statistics are stale",
-                        channels=low[:32], count=len(low), eps=eps,
+                        channels=low[:32],
+                        count=len(low),
+                        eps=eps,
                     )
                 huge = (rv > th.exploding_var).nonzero().flatten().tolist()
                 if huge:
                     self.add(
-                        "exploding-channels", "warning", m,
+                        "exploding-channels",
+                        "warning",
+                        m,
                         f"{len(huge)} of {rv.numel()} channels have a running variance above {th.exploding_var:g} "
                         f"(largest {float(rv.max()):.3g}): the activations before this layer have blown up, and "
                         "values that large overflow float16 (max 65504).",
                         "lower the learning rate or clip gradients (normlab.adaptive_grad_clip_); check the input "
                         "scaling",
-                        channels=huge[:32], count=len(huge), max_running_var=float(rv.max()),
+                        channels=huge[:32],
+                        count=len(huge),
+                        max_running_var=float(rv.max()),
                     )
 
     def check_groups(self) -> None:
@@ -927,27 +983,40 @@ class _Audit:
             if c % g:
                 divisors = [d for d in range(1, c + 1) if c % d == 0]
                 self.add(
-                    "groupnorm-groups", "error", m,
+                    "groupnorm-groups",
+                    "error",
+                    m,
                     f"num_groups={g} does not divide num_channels={c}: the groups cannot be formed evenly "
                     "(torch.nn.GroupNorm refuses this; this layer either fails or mixes channels unevenly).",
                     f"num_groups one of {divisors}, e.g. normlab.make_norm('groupnorm', {c})",
-                    num_groups=g, num_channels=c,
+                    num_groups=g,
+                    num_channels=c,
                 )
             elif c // g < self.th.min_channels_per_group and g > 1:
                 self.add(
-                    "groupnorm-groups", "warning", m,
+                    "groupnorm-groups",
+                    "warning",
+                    m,
                     f"num_groups={g} for {c} channels leaves {c // g} channel(s) per group"
-                    + (": this is InstanceNorm, the weakest of the variants Wu & He (2018, Table 1) compared with "
-                       "GroupNorm's 32 groups on ImageNet." if c == g else ", too few for stable group statistics."),
+                    + (
+                        ": this is InstanceNorm, the weakest of the variants Wu & He (2018, Table 1) compared with "
+                        "GroupNorm's 32 groups on ImageNet."
+                        if c == g
+                        else ", too few for stable group statistics."
+                    ),
                     f"fewer groups, e.g. normlab.make_norm('groupnorm', {c}) (32 groups or the largest divisor "
                     "below), or InstanceNorm if per-channel statistics are what you want",
-                    num_groups=g, num_channels=c, channels_per_group=c // g,
+                    num_groups=g,
+                    num_channels=c,
+                    channels_per_group=c // g,
                 )
 
     def check_modes(self) -> None:
         if self.expect == "eval" and self.model.training:
             self.add(
-                "mode-mismatch", "error", self.model,
+                "mode-mismatch",
+                "error",
+                self.model,
                 "the model is in train mode but is audited for evaluation: every BN normalises with the statistics "
                 "of the eval batch and updates its running statistics with it; dropout is on.",
                 "model.eval() before evaluating (and model.train() before training again)",
@@ -955,7 +1024,9 @@ class _Audit:
             return
         if self.expect == "train" and not self.model.training:
             self.add(
-                "mode-mismatch", "warning", self.model,
+                "mode-mismatch",
+                "warning",
+                self.model,
                 "the model is in eval mode but is audited for training: BN layers will normalise with running "
                 "statistics that never update, and dropout is off.",
                 "model.train() before training",
@@ -966,14 +1037,18 @@ class _Audit:
             if self.expect == "eval" and m.training and m is not self.model:
                 if kind in ("batch", "instance") and _running(m) is not None and _uses_batch_stats(m):
                     self.add(
-                        "mode-mismatch", "error", m,
+                        "mode-mismatch",
+                        "error",
+                        m,
                         "in train mode inside a model in eval mode: it normalises with the statistics of each eval "
                         "batch instead of its running statistics, and updates those with every eval batch.",
                         "call model.eval() after any .train() on a submodule (model.eval() sets every submodule)",
                     )
                 elif _dropout_p(m):
                     self.add(
-                        "mode-mismatch", "error", m,
+                        "mode-mismatch",
+                        "error",
+                        m,
                         "dropout in train mode inside a model in eval mode: eval outputs are random.",
                         "call model.eval() after any .train() on a submodule",
                     )
@@ -981,7 +1056,9 @@ class _Audit:
                 trainable = [p for p in _affine_params(m) if p.requires_grad]
                 if _running(m) is not None and (trainable or not _affine_params(m)) and m is not self.model:
                     self.add(
-                        "mode-mismatch", "warning", m,
+                        "mode-mismatch",
+                        "warning",
+                        m,
                         "in eval mode inside a model in train mode: it normalises with running statistics that "
                         "never update, while the layers around it (and its own γ/β) keep training; the next "
                         "model.train() silently undoes it.",
@@ -995,7 +1072,9 @@ class _Audit:
         for m in self.bns:
             if _running(m) is None:
                 self.add(
-                    "no-running-stats", "warning", m,
+                    "no-running-stats",
+                    "warning",
+                    m,
                     "no running statistics (track_running_stats=False): in eval it normalises with the statistics of "
                     "each eval batch, so a sample's output depends on the rest of the batch, and batches of one "
                     "sample fail or are normalised against themselves.",
@@ -1021,7 +1100,9 @@ class _Audit:
             if frozen:
                 name = self.names[m]
                 self.add(
-                    "frozen-affine-live-stats", "warning", m,
+                    "frozen-affine-live-stats",
+                    "warning",
+                    m,
                     "its parameters are frozen (requires_grad=False) but it is in train mode, so it still normalises "
                     "with batch statistics and updates its running statistics at every step: the 'frozen' part "
                     "keeps changing, away from the statistics its weights were trained with.",
@@ -1038,7 +1119,9 @@ class _Audit:
                 continue
             if _tracked(m) == 0 and bool((run[0] == 0).all()) and bool((run[1] == 1).all()):
                 self.add(
-                    "untrained-running-stats", "error", m,
+                    "untrained-running-stats",
+                    "error",
+                    m,
                     "the running statistics are still their initial values (mean 0, variance 1, no batch tracked): "
                     "eval normalises as if every channel had mean 0 and variance 1.",
                     "train the model, or normlab.recalibrate(model, loader) on data like the eval data",
@@ -1063,7 +1146,9 @@ class _Audit:
                 if key not in seen:
                     seen.add(key)
                     self.add(
-                        "dropout-always-on", "error", node.name,
+                        "dropout-always-on",
+                        "error",
+                        node.name,
                         f"the forward of {node.name or 'the model'} calls F.dropout(..., p={node.dropout:g}) with "
                         "training=True (F.dropout's default), so dropout stays on in eval mode.",
                         "F.dropout(x, p, training=self.training), or an nn.Dropout module",
@@ -1073,15 +1158,21 @@ class _Audit:
                 continue
             prod = node.data_input
             if (
-                prod is not None and prod.module is not None and _is_affine_map(prod.module)
-                and isinstance(getattr(prod.module, "bias", None), Tensor) and prod.users == 1
-                and _removes_channel_mean(m) and _out_features(prod.module) == _num_features(m)
+                prod is not None
+                and prod.module is not None
+                and _is_affine_map(prod.module)
+                and isinstance(getattr(prod.module, "bias", None), Tensor)
+                and prod.users == 1
+                and _removes_channel_mean(m)
+                and _out_features(prod.module) == _num_features(m)
             ):
                 key = ("bias", prod.module, m)
                 if key not in seen:
                     seen.add(key)
                     self.add(
-                        "bias-before-norm", "info", prod.module,
+                        "bias-before-norm",
+                        "info",
+                        prod.module,
                         f"its bias is removed by {self.label(m)}, which subtracts each channel's mean right after: "
                         "the bias gets zero gradient and only costs parameters (β already shifts each channel).",
                         "bias=False on this layer",
@@ -1096,13 +1187,16 @@ class _Audit:
                     where = self.label(d.module) if d.module is not None else f"F.dropout in {d.name or 'the model'}"
                     p = d.dropout
                     self.add(
-                        "dropout-before-bn", "warning", d.module if d.module is not None else d.name,
+                        "dropout-before-bn",
+                        "warning",
+                        d.module if d.module is not None else d.name,
                         f"{where} (p={p:g}) feeds {self.label(m)} with no norm layer between: in training the "
                         f"dropout scales the variance of what BN sees by up to 1/(1-p) = {_inv1m(p):.3g}, "
                         "so the running variance is too large for eval inputs (variance shift, Li et al. 2019).",
                         "move the dropout after the last BN (e.g. just before the classifier), or after training "
                         "run normlab.recalibrate(model, loader), which measures the statistics with dropout off",
-                        related=(m,), p=p,
+                        related=(m,),
+                        p=p,
                     )
 
     # ------------------------------------------------------------------ dynamic
@@ -1114,12 +1208,15 @@ class _Audit:
         if bad:
             first = bad[0]
             self.add(
-                "nonfinite-activations", "error", first,
+                "nonfinite-activations",
+                "error",
+                first,
                 f"its input held NaN/inf in {self.calls[first].nonfinite} of {len(self.calls[first].batches)} "
                 f"calls; it is the first norm layer (in call order) they reach, {len(bad)} norm layers in all.",
                 "look at the layers before it (and at the input data); normlab's BN layers keep non-finite batches "
                 "out of the running statistics",
-                related=tuple(bad[1:6]), layers_affected=len(bad),
+                related=tuple(bad[1:6]),
+                layers_affected=len(bad),
             )
         # groups of a single value
         for m, c in ordered:
@@ -1135,12 +1232,15 @@ class _Audit:
                 per_group *= shape[1] // max(1, getattr(m, "num_groups", shape[1]))
             if per_group <= 1 and _uses_batch_stats(m):
                 self.add(
-                    "single-value-groups", "error", m,
+                    "single-value-groups",
+                    "error",
+                    m,
                     f"on input {tuple(shape)} each group holds {per_group} value per sample: it is normalised to 0 "
                     "and the output is β, whatever the input.",
                     "fewer groups (GroupNorm), or a norm over more values at this point (BatchNorm, LayerNorm over "
                     "the features)",
-                    input_shape=list(shape), values_per_group=per_group,
+                    input_shape=list(shape),
+                    values_per_group=per_group,
                 )
         # batch size for BN batch statistics
         small = [(m, min(c.batch_stat_sizes)) for m, c in ordered if c.batch_stat_sizes]
@@ -1150,7 +1250,9 @@ class _Audit:
             sev = "error" if n <= th.tiny_batch else "warning"
             layers = [m for m, _ in small]
             self.add(
-                "small-batch", sev, "",
+                "small-batch",
+                sev,
+                "",
                 f"{len(layers)} BatchNorm layer(s) ({_names_list([self.names[m] for m in layers])}) normalise "
                 f"with the statistics of batches of {n} sample(s): the "
                 "statistics are noisy and each sample's output depends on the few others. With BN, ResNet-50 on "
@@ -1160,7 +1262,9 @@ class _Audit:
                 "normlab.make_norm('groupnorm', C) (norm_layer='groupnorm' for normlab's models); with "
                 "micro-batches, normlab.accumulate_stats(model) at least gives the running statistics of the "
                 "whole batch (each micro-batch is still normalised on its own)",
-                related=tuple(layers), batch_size=n, layers=len(layers),
+                related=tuple(layers),
+                batch_size=n,
+                layers=len(layers),
             )
         # running statistics against the data
         few, live, earlier = [], 0, []
@@ -1227,11 +1331,21 @@ class _Audit:
                 fix = "normlab.recalibrate(model, loader) on data like this (precise BN statistics)"
             earlier.append(name)
             self.add(
-                "running-stats-mismatch", sev, m, "running statistics do not describe the data: " + gap + cause, fix,
-                smd_rms=smd_rms, smd_max=float(smd.abs().max()), worst_channel=worst,
-                log_var_ratio_rms=lr_rms, var_ratio_median=float(ratio.quantile(0.5)),
-                var_ratio_min=float(ratio.min()), var_ratio_max=float(ratio.max()), samples=samples,
-                batches=batches_seen, frozen=frozen,
+                "running-stats-mismatch",
+                sev,
+                m,
+                "running statistics do not describe the data: " + gap + cause,
+                fix,
+                smd_rms=smd_rms,
+                smd_max=float(smd.abs().max()),
+                worst_channel=worst,
+                log_var_ratio_rms=lr_rms,
+                var_ratio_median=float(ratio.quantile(0.5)),
+                var_ratio_min=float(ratio.min()),
+                var_ratio_max=float(ratio.max()),
+                samples=samples,
+                batches=batches_seen,
+                frozen=frozen,
             )
         if few:
             self.notes.append(
@@ -1337,8 +1451,11 @@ def audit(
     if batches is None and graph is None and input_shape is not None:
         ref = next(iter([*model.parameters(), *model.buffers()]), None)
         dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
-        probe = [torch.randn((2, *input_shape), generator=torch.Generator().manual_seed(0), dtype=dtype)
-                 .to(ref.device if ref is not None else "cpu")]
+        probe = [
+            torch.randn((2, *input_shape), generator=torch.Generator().manual_seed(0), dtype=dtype).to(
+                ref.device if ref is not None else "cpu"
+            )
+        ]
     seen = samples = 0
     data = batches if batches is not None else probe
     if data is not None:
@@ -1408,8 +1525,13 @@ def audit(
     findings = [f for f in state.findings if f.check not in ignore]
     findings.sort(key=lambda f: (_RANK[f.severity], state.order.get(f.module, len(state.order)), f.check))
     return AuditReport(
-        model=type(model).__name__, expect=expect, graph=graph_source, batches=seen if batches is not None else 0,
-        samples=state.samples, findings=tuple(findings), notes=tuple(state.notes),
+        model=type(model).__name__,
+        expect=expect,
+        graph=graph_source,
+        batches=seen if batches is not None else 0,
+        samples=state.samples,
+        findings=tuple(findings),
+        notes=tuple(state.notes),
     )
 
 
@@ -1485,15 +1607,33 @@ def _parser() -> argparse.ArgumentParser:
         "arguments and returns a model, or (model, example_batches).",
     )
     p.add_argument("target", metavar="PATH_OR_MODULE:FACTORY", help="e.g. models.py:build or mypkg.nets:resnet18")
-    p.add_argument("--batches", type=int, default=None, metavar="N",
-                   help="use at most N of the factory's example batches (default: all)")
-    p.add_argument("--input-shape", nargs="+", default=None, metavar="SIZE",
-                   help="shape of one sample, e.g. 3 32 32: used to record the graph when torch.fx cannot trace")
-    p.add_argument("--expect", choices=("eval", "train"), default=None,
-                   help="audit for evaluation or training (default: the mode the factory's model is in)")
+    p.add_argument(
+        "--batches",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use at most N of the factory's example batches (default: all)",
+    )
+    p.add_argument(
+        "--input-shape",
+        nargs="+",
+        default=None,
+        metavar="SIZE",
+        help="shape of one sample, e.g. 3 32 32: used to record the graph when torch.fx cannot trace",
+    )
+    p.add_argument(
+        "--expect",
+        choices=("eval", "train"),
+        default=None,
+        help="audit for evaluation or training (default: the mode the factory's model is in)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--fail-on", choices=("error", "warning", "info", "never"), default="error",
-                   help="exit with status 1 when a finding this severe or worse is found (default: error)")
+    p.add_argument(
+        "--fail-on",
+        choices=("error", "warning", "info", "never"),
+        default="error",
+        help="exit with status 1 when a finding this severe or worse is found (default: error)",
+    )
     return p
 
 

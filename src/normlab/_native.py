@@ -89,10 +89,66 @@ def _build() -> ctypes.CDLL | None:
         getattr(lib, f"col_affine_{sfx}").argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _int]
         getattr(lib, f"ema_update_{sfx}").argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _dbl, _dbl]
         getattr(lib, f"ema_update_{sfx}").restype = _int
-        getattr(lib, f"col_forward_{sfx}").argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _dbl, _ptr, _ptr, _ptr, _int]
-        getattr(lib, f"col_backward_{sfx}").argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
-        getattr(lib, f"row_fwd_{sfx}").argtypes = [_ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _dbl, _int, _ptr, _ptr, _ptr, _int]
-        getattr(lib, f"row_bwd_{sfx}").argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int, _ptr, _ptr, _int]
+        getattr(lib, f"col_forward_{sfx}").argtypes = [
+            _ptr,
+            _ptr,
+            _i64,
+            _i64,
+            _i64,
+            _ptr,
+            _ptr,
+            _dbl,
+            _ptr,
+            _ptr,
+            _ptr,
+            _int,
+        ]
+        getattr(lib, f"col_backward_{sfx}").argtypes = [
+            _ptr,
+            _ptr,
+            _ptr,
+            _i64,
+            _i64,
+            _i64,
+            _ptr,
+            _ptr,
+            _ptr,
+            _ptr,
+            _ptr,
+            _int,
+        ]
+        getattr(lib, f"row_fwd_{sfx}").argtypes = [
+            _ptr,
+            _ptr,
+            _i64,
+            _i64,
+            _i64,
+            _i64,
+            _ptr,
+            _ptr,
+            _dbl,
+            _int,
+            _ptr,
+            _ptr,
+            _ptr,
+            _int,
+        ]
+        getattr(lib, f"row_bwd_{sfx}").argtypes = [
+            _ptr,
+            _ptr,
+            _ptr,
+            _i64,
+            _i64,
+            _i64,
+            _i64,
+            _ptr,
+            _ptr,
+            _ptr,
+            _int,
+            _ptr,
+            _ptr,
+            _int,
+        ]
     return lib
 
 
@@ -165,7 +221,9 @@ def column_sums_for_backward(g3: Tensor, x3: Tensor, mean: Tensor) -> tuple[Tens
     return sg, sgc
 
 
-def column_affine(x3: Tensor, centre: Tensor, kx: Tensor, shift: Tensor, g3: Tensor | None = None, kg: Tensor | None = None) -> Tensor:
+def column_affine(
+    x3: Tensor, centre: Tensor, kx: Tensor, shift: Tensor, g3: Tensor | None = None, kg: Tensor | None = None
+) -> Tensor:
     """``(x - centre) * kx + g * kg + shift`` with per-channel (C,) coefficients."""
     a, c, b = x3.shape
     dt = x3.dtype
@@ -235,12 +293,25 @@ def column_forward(x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: 
     stats = torch.empty((3, c), dtype=x3.dtype)
     y3 = torch.empty_like(x3)
     getattr(_lib, f"col_forward_{_sfx(x3)}")(
-        _p(x3), _p(y3), a, c, b, _p(weight), _p(bias), float(eps), _p(stats[0]), _p(stats[1]), _p(stats[2]), _nt(x3.numel())
+        _p(x3),
+        _p(y3),
+        a,
+        c,
+        b,
+        _p(weight),
+        _p(bias),
+        float(eps),
+        _p(stats[0]),
+        _p(stats[1]),
+        _p(stats[2]),
+        _nt(x3.numel()),
     )
     return y3, stats[0], stats[1], stats[2]
 
 
-def column_backward(g3: Tensor, x3: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, need: tuple[bool, bool, bool]):
+def column_backward(
+    g3: Tensor, x3: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, need: tuple[bool, bool, bool]
+):
     """BatchNorm backward on (A, C, B): ``(dx, dweight, dbias)``, each ``None`` when not needed."""
     a, c, b = x3.shape
     dx = torch.empty_like(x3) if need[0] else None
@@ -258,13 +329,35 @@ def row_forward(x: Tensor, layout, centered: bool, eps: float, weight: Tensor | 
     stats = torch.empty((3, r), dtype=x.dtype)
     y = torch.empty_like(x)
     getattr(_lib, f"row_fwd_{_sfx(x)}")(
-        _p(x), _p(y), r, k, g, l, _p(weight), _p(bias), float(eps), int(centered),
-        _p(stats[0]), _p(stats[1]), _p(stats[2]), _nt(x.numel()),
+        _p(x),
+        _p(y),
+        r,
+        k,
+        g,
+        l,
+        _p(weight),
+        _p(bias),
+        float(eps),
+        int(centered),
+        _p(stats[0]),
+        _p(stats[1]),
+        _p(stats[2]),
+        _nt(x.numel()),
     )
     return y, stats[0], stats[1], stats[2]
 
 
-def row_backward(g_: Tensor, x: Tensor, layout, weight: Tensor | None, mean: Tensor, rstd: Tensor, centered: bool, need_dx: bool, need_params: bool):
+def row_backward(
+    g_: Tensor,
+    x: Tensor,
+    layout,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    centered: bool,
+    need_dx: bool,
+    need_params: bool,
+):
     """Row norm backward: ``dx`` and flat ``dweight``/``dbias`` (G * S,) in ``x``'s dtype."""
     r, k, g, l = layout
     dx = torch.empty_like(x) if need_dx else None
@@ -272,7 +365,19 @@ def row_backward(g_: Tensor, x: Tensor, layout, weight: Tensor | None, mean: Ten
     dw = torch.empty(p, dtype=x.dtype) if need_params else None
     db = torch.empty(p, dtype=x.dtype) if need_params else None
     getattr(_lib, f"row_bwd_{_sfx(x)}")(
-        _p(g_), _p(x), _p(dx), r, k, g, l, _p(weight), _p(mean.contiguous()), _p(rstd.contiguous()), int(centered),
-        _p(dw), _p(db), _nt(x.numel()),
+        _p(g_),
+        _p(x),
+        _p(dx),
+        r,
+        k,
+        g,
+        l,
+        _p(weight),
+        _p(mean.contiguous()),
+        _p(rstd.contiguous()),
+        int(centered),
+        _p(dw),
+        _p(db),
+        _nt(x.numel()),
     )
     return dx, dw, db

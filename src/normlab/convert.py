@@ -32,7 +32,11 @@ _PAIRS: list[tuple[type, type, tuple[str, ...]]] = [
 def _source_kwargs(module: nn.Module, argnames: tuple[str, ...], to: str) -> dict:
     kwargs = {k: getattr(module, k) for k in argnames}
     if to == "torch":  # PyTorch knows one momentum convention and no frozen or debiased statistics
-        if getattr(module, "frozen", False) or getattr(module, "debias", False) or not getattr(module, "unbiased_running_var", True):
+        if (
+            getattr(module, "frozen", False)
+            or getattr(module, "debias", False)
+            or not getattr(module, "unbiased_running_var", True)
+        ):
             raise ValueError(
                 f"{type(module).__name__} uses frozen, debiased or biased-variance running statistics, which torch.nn "
                 "has no equivalent for; unfreeze it (normlab.unfreeze) or build it with debias=False and "

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -185,7 +185,9 @@ def update_running_stats(
         mean = mean.detach()
         var = var.detach()
         if unbiased:
-            var = var * (count / (count - 1)) if not isinstance(count, Tensor) else var * count / (count - 1).clamp(min=1)
+            var = (
+                var * (count / (count - 1)) if not isinstance(count, Tensor) else var * count / (count - 1).clamp(min=1)
+            )
         finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
         if running_mean is not None:
             new = running_mean * (1 - weight) + mean.to(running_mean.dtype) * weight
@@ -247,13 +249,17 @@ def batch_norm(
     _check_floating(input, "batch_norm")
     dim = _axis(feature_dim, input.dim(), "batch_norm")
     if input.dim() < 2:
-        raise ValueError(f"batch_norm: expected an input with a batch axis and a feature axis (>= 2-D), got shape {tuple(input.shape)}")
+        raise ValueError(
+            "batch_norm: expected an input with a batch axis and a feature axis (>= 2-D), "
+            f"got shape {tuple(input.shape)}"
+        )
     c = input.shape[dim]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and t.shape != (c,):
             raise ValueError(
                 f"batch_norm: {name} has shape {tuple(t.shape)} but the input has {c} features on axis {dim} "
-                f"(input shape {tuple(input.shape)}); build the layer with num_features={c} or pass the right feature_dim"
+                f"(input shape {tuple(input.shape)}); build the layer with num_features={c} "
+                "or pass the right feature_dim"
             )
     if not training:
         if running_mean is None or running_var is None:
@@ -265,7 +271,9 @@ def batch_norm(
         if bias is not None:
             shift = shift + bias
         nd = input.dim()
-        return torch.addcmul(_affine_view(shift, c, dim, nd).to(input.dtype), input, _affine_view(scale, c, dim, nd).to(input.dtype))
+        return torch.addcmul(
+            _affine_view(shift, c, dim, nd).to(input.dtype), input, _affine_view(scale, c, dim, nd).to(input.dtype)
+        )
 
     y, mean, var, count = batch_norm_train(input, weight, bias, eps, feature_dim=dim, mask=mask)
     if running_mean is not None or running_var is not None:
@@ -296,7 +304,8 @@ def batch_norm_train(
     if n <= 1:
         raise ValueError(
             f"batch_norm: expected more than 1 value per feature in training, got input shape {tuple(input.shape)}; "
-            "use a batch of at least 2, switch the layer to eval(), or use a batch-independent norm (GroupNorm/LayerNorm)"
+            "use a batch of at least 2, switch the layer to eval(), "
+            "or use a batch-independent norm (GroupNorm/LayerNorm)"
         )
     y, mean, var = _batch_norm_train(input, dim, weight, bias, eps)
     return y, mean, var, n
@@ -360,7 +369,8 @@ def _check_normalized_shape(x: Tensor, normalized_shape, who: str) -> tuple[int,
     if len(ns) == 0 or tuple(x.shape[x.dim() - len(ns) :]) != ns or x.dim() < len(ns):
         raise ValueError(
             f"{who}: normalized_shape {ns} must equal the input's trailing dims, but the input has shape "
-            f"{tuple(x.shape)}; build the layer with normalized_shape={tuple(x.shape[-len(ns):]) if ns else x.shape[-1:]}"
+            f"{tuple(x.shape)}; build the layer with "
+            f"normalized_shape={tuple(x.shape[-len(ns) :]) if ns else x.shape[-1:]}"
         )
     return ns
 
@@ -465,7 +475,9 @@ def instance_norm(
     """
     _check_floating(input, "instance_norm")
     if input.dim() < 3:
-        raise ValueError(f"instance_norm: expected input (N, C, L, ...) with spatial dims, got shape {tuple(input.shape)}")
+        raise ValueError(
+            f"instance_norm: expected input (N, C, L, ...) with spatial dims, got shape {tuple(input.shape)}"
+        )
     n, c = input.shape[:2]
     if not use_input_stats:
         return batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)

@@ -24,7 +24,7 @@ Small pieces a model composes; :mod:`normlab.lab.models` uses them in its ResNet
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -130,8 +130,9 @@ class ResidualBlock(nn.Module):
     ``block.skip(x)`` and ``block.branch(x)`` separately.
     """
 
-    def __init__(self, branch: nn.Module, skip: nn.Module | None = None, alpha: nn.Module | None = None,
-                 merge: float = 1.0) -> None:
+    def __init__(
+        self, branch: nn.Module, skip: nn.Module | None = None, alpha: nn.Module | None = None, merge: float = 1.0
+    ) -> None:
         super().__init__()
         self.branch = branch
         self.skip = skip if skip is not None else nn.Identity()
@@ -224,9 +225,18 @@ def nonlinearity_gamma(activation: str | nn.Module) -> float:
     ``"gelu"``, ``"silu"``, ``"identity"``, ...) or a module.
     """
     if isinstance(activation, str):
-        names = {"identity": nn.Identity(), "linear": nn.Identity(), "relu": nn.ReLU(), "tanh": nn.Tanh(),
-                 "sigmoid": nn.Sigmoid(), "gelu": nn.GELU(), "silu": nn.SiLU(), "elu": nn.ELU(),
-                 "softplus": nn.Softplus(), "leaky_relu": nn.LeakyReLU()}
+        names = {
+            "identity": nn.Identity(),
+            "linear": nn.Identity(),
+            "relu": nn.ReLU(),
+            "tanh": nn.Tanh(),
+            "sigmoid": nn.Sigmoid(),
+            "gelu": nn.GELU(),
+            "silu": nn.SiLU(),
+            "elu": nn.ELU(),
+            "softplus": nn.Softplus(),
+            "leaky_relu": nn.LeakyReLU(),
+        }
         if activation.lower() not in names:
             raise ValueError(f"unknown activation {activation!r}; known: {', '.join(sorted(names))}, or pass a module")
         activation = names[activation.lower()]
@@ -338,9 +348,7 @@ def unitwise_norm(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), keepdim=True)
 
 
-def adaptive_grad_clip_(
-    parameters: Tensor | Iterable[Tensor], clipping: float = 0.01, eps: float = 1e-3
-) -> None:
+def adaptive_grad_clip_(parameters: Tensor | Iterable[Tensor], clipping: float = 0.01, eps: float = 1e-3) -> None:
     """Adaptive Gradient Clipping, unit-wise, in place (Brock, De, Smith & Simonyan 2021).
 
     For every unit ``i`` (a row of a Linear weight, an output filter of a conv;

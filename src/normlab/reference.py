@@ -8,7 +8,7 @@ All return the normalised output; statistics are biased (``unbiased=False``).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -34,7 +34,9 @@ def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None, shape: Sequen
     return y
 
 
-def batch_norm(x: Tensor, weight=None, bias=None, eps: float = 1e-5, feature_dim: int = 1, mask: Tensor | None = None) -> Tensor:
+def batch_norm(
+    x: Tensor, weight=None, bias=None, eps: float = 1e-5, feature_dim: int = 1, mask: Tensor | None = None
+) -> Tensor:
     """Training-mode BatchNorm: statistics over every axis but ``feature_dim`` (only masked-in positions)."""
     dim = feature_dim % x.dim()
     dims = [d for d in range(x.dim()) if d != dim]

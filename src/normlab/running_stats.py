@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +37,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab import functional as NF
 from normlab.convert import convert
+from normlab.functional import _column_view
+from normlab.layers.batchnorm import _BatchNormBase
+from normlab.layers.ghost import GhostBatchNorm
 from normlab.layers.sync import (
     SyncBatchNorm,
     _local_moments,
@@ -44,9 +48,6 @@ from normlab.layers.sync import (
     gather_moments,
     is_distributed,
 )
-from normlab.functional import _column_view
-from normlab.layers.batchnorm import _BatchNormBase
-from normlab.layers.ghost import GhostBatchNorm
 
 __all__ = ["recalibrate", "freeze", "unfreeze", "accumulate_stats", "batchnorm_modules"]
 

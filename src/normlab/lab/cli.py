@@ -27,8 +27,9 @@ import importlib
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["main", "build_parser", "HEADLINE_CLAIMS"]
 
@@ -52,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    s = sub.add_parser("list", help="list experiments, datasets, models and norms", description="List what is registered.")
+    s = sub.add_parser(
+        "list", help="list experiments, datasets, models and norms", description="List what is registered."
+    )
     s.add_argument("what", nargs="?", choices=("all", "experiments", "datasets", "models", "norms"), default="all")
 
     def common(sp, *, seeds: bool = True) -> None:
@@ -69,18 +72,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", choices=("smoke", "quick", "full"), default="quick", help="default: quick")
     s.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds (default: the scale's)")
     s.add_argument(
-        "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a field of the experiment's config (repeatable)",
     )
     common(s)
     s.add_argument(
-        "--executor", choices=("sequential", "local", "ray"), default="sequential",
+        "--executor",
+        choices=("sequential", "local", "ray"),
+        default="sequential",
         help="where the runs run: one after the other here (default), a local process pool, or Ray",
     )
-    s.add_argument("--workers", type=_positive_int, default=None,
-                   help="processes of the local pool (default: CPU count) or CPUs of a Ray instance started here")
-    s.add_argument("--ray-address", default=None, metavar="ADDR",
-                   help="Ray cluster to join, e.g. auto or ray://host:10001 (default: start a local instance)")
+    s.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="processes of the local pool (default: CPU count) or CPUs of a Ray instance started here",
+    )
+    s.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="Ray cluster to join, e.g. auto or ray://host:10001 (default: start a local instance)",
+    )
     _nproc_arg(s)
 
     s = sub.add_parser(
@@ -98,7 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train once with normlab.lab.train.TrainConfig fields set by --set key=value; store the run.",
     )
     s.add_argument(
-        "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
         help="a TrainConfig field, e.g. --set dataset=digits model=mlp norm=batchnorm lr=0.1",
     )
     s.add_argument("--name", default="train", help="experiment folder for the run (default: train)")
@@ -123,7 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _nproc_arg(sp) -> None:
     sp.add_argument(
-        "--nproc", type=_positive_int, default=1, metavar="N",
+        "--nproc",
+        type=_positive_int,
+        default=1,
+        metavar="N",
         help="train each model with DDP in N local processes (gloo on CPU, nccl on CUDA; default: 1)",
     )
 
@@ -380,7 +406,11 @@ def cmd_demo(args) -> int:
 
 # commands with parsers of their own: `normlab report ...` and `normlab audit ...` are handed over whole
 _DELEGATED = {
-    "report": ("normlab.lab.report", "report_main", "build the HTML report from the run store (see normlab report --help)"),
+    "report": (
+        "normlab.lab.report",
+        "report_main",
+        "build the HTML report from the run store (see normlab report --help)",
+    ),
     "audit": ("normlab._audit", "audit_main", "find normalisation pitfalls in a model (see normlab audit --help)"),
 }
 
@@ -404,6 +434,7 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: returns the exit status (0 ok, 2 for a usage error)."""
     from normlab.lab.train import ConfigError
+    from normlab.registry import RegistryError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _DELEGATED:
@@ -421,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise _UsageError("--nproc inside an already distributed launch (torchrun); drop --nproc")
             return launch.run_local(_without_nproc(argv), args.nproc)
         return _COMMANDS[args.command](args)
-    except (ConfigError, _UsageError) as e:
+    except (ConfigError, RegistryError, _UsageError) as e:
         print(f"normlab {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

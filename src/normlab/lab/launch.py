@@ -50,8 +50,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -59,8 +60,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "DistContext", "setup", "join_from_env", "env_world_size", "is_main_process", "rank", "run_local",
-    "broadcast_object", "barrier",
+    "DistContext",
+    "setup",
+    "join_from_env",
+    "env_world_size",
+    "is_main_process",
+    "rank",
+    "run_local",
+    "broadcast_object",
+    "barrier",
 ]
 
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -211,8 +219,10 @@ def setup(device: str = "auto") -> DistContext | None:
         return None
     if _want_cuda(device):
         if device.startswith("cuda:"):
-            raise ConfigError(f"device={device!r}: under torch.distributed use device=cuda (or auto); "
-                              "each process takes cuda:<LOCAL_RANK>")
+            raise ConfigError(
+                f"device={device!r}: under torch.distributed use device=cuda (or auto); "
+                "each process takes cuda:<LOCAL_RANK>"
+            )
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     else:
         dev = resolve_device(device)
@@ -245,8 +255,12 @@ def run_local(argv: Sequence[str], nproc: int, *, module: str = "normlab", poll:
     for i in range(nproc):
         env = dict(os.environ)
         env.update(
-            RANK=str(i), LOCAL_RANK=str(i), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+            RANK=str(i),
+            LOCAL_RANK=str(i),
+            WORLD_SIZE=str(nproc),
+            LOCAL_WORLD_SIZE=str(nproc),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
         )
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         out = None if i == 0 else subprocess.DEVNULL

@@ -36,10 +36,12 @@ import platform
 import socket
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+from normlab._io import atomic_write
 
 __all__ = [
     "RunStore",
@@ -96,25 +98,8 @@ def run_id(config: Any) -> str:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_jsonable(obj), indent=1, sort_keys=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    """Write ``obj`` as JSON to ``path`` atomically (:func:`normlab._io.atomic_write`)."""
+    return atomic_write(path, json.dumps(_jsonable(obj), indent=1, sort_keys=False) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -324,13 +309,18 @@ class RunStore:
         if len(hits) == 1:
             return hits[0]
         if not hits:
-            raise FileNotFoundError(f"no run {ref!r} under {self.root}/ (give a run folder, <experiment>/<id> or an id)")
+            raise FileNotFoundError(
+                f"no run {ref!r} under {self.root}/ (give a run folder, <experiment>/<id> or an id)"
+            )
         raise FileNotFoundError(
             f"run id prefix {ref!r} is ambiguous under {self.root}/: {', '.join(r.run_id for r in hits[:5])}"
         )
 
     def table(self, experiment: str | None = None, *, with_metrics: bool = False, ids: Iterable[str] | None = None):
-        """The complete runs as flat rows (see :meth:`StoredRun.row`), optionally only the given run ids, in that order."""
+        """The complete runs as flat rows (see :meth:`StoredRun.row`).
+
+        Optionally only the given run ids, in that order.
+        """
         if ids is not None:
             want = list(ids)
             by_id = {r.run_id: r for r in self.runs(experiment)}
@@ -361,7 +351,8 @@ def load_table(
     try:
         import pandas as pd
     except ImportError:
-        raise ImportError("load_table(as_frame=True) needs pandas: pip install 'normlab[lab]' or pip install pandas")
+        msg = "load_table(as_frame=True) needs pandas: pip install 'normlab[lab]' or pip install pandas"
+        raise ImportError(msg) from None
     return pd.DataFrame(rows)
 
 
@@ -377,7 +368,7 @@ class _Claim:
     emulates ``flock`` with byte-range locks).
     """
 
-    def __init__(self, stored: "StoredRun") -> None:
+    def __init__(self, stored: StoredRun) -> None:
         self.stored = stored
         self.fd: int | None = None
 
@@ -414,15 +405,13 @@ class _Claim:
         self.fd = None
 
 
-def claim_run(stored: "StoredRun") -> "_Claim | None":
+def claim_run(stored: StoredRun) -> _Claim | None:
     """Claim a run for this process: the held claim (call ``release(done=...)``), or None if a live worker holds it."""
     c = _Claim(stored)
     return c if c.acquire() else None
 
 
-def _run_task(
-    root: str, experiment: str, config: Any, run_fn: Callable, env_fn: Callable | None
-) -> tuple[str, str]:
+def _run_task(root: str, experiment: str, config: Any, run_fn: Callable, env_fn: Callable | None) -> tuple[str, str]:
     """Run one configuration into the store unless it is complete or claimed: ``(status, run id)``.
 
     ``status`` is ``"ran"``, ``"stored"`` (found complete) or ``"busy"`` (a
@@ -548,8 +537,9 @@ def sweep(
                     note("stored", run_id(c))
             if todo:
                 run = _pool_map if executor == "local" else _ray_map
-                run(str(store.root), experiment, todo, run_fn, env_fn, note, workers=workers, address=address,
-                    poll=poll)
+                run(
+                    str(store.root), experiment, todo, run_fn, env_fn, note, workers=workers, address=address, poll=poll
+                )
     finally:
         if bar is not None:
             bar.close()

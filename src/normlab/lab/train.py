@@ -72,8 +72,9 @@ import sys
 import time
 import types
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -183,7 +184,7 @@ class TrainConfig:
         for name in ("data_kwargs", "model_kwargs", "norm_kwargs"):
             need(isinstance(getattr(self, name), Mapping), f"{name} must be a dict, got {getattr(self, name)!r}")
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Check the names against the registries (datasets, models, norms); return ``self``."""
         from normlab.lab.data import dataset_names
         from normlab.lab.models import model_names
@@ -467,7 +468,9 @@ def lr_at(config: TrainConfig, step: int, steps_per_epoch: int, total_steps: int
 
 @dataclass
 class TrainState:
-    """What a ``callback`` sees: after every optimizer step (``event="step"``) and every epoch's evaluation (``"epoch"``).
+    """What a ``callback`` sees.
+
+    It is called after every optimizer step (``event="step"``) and every epoch's evaluation (``"epoch"``).
 
     ``loss`` is the step's loss as a 0-d tensor still on the device (reading it
     with ``.item()`` forces a host sync); ``metrics`` is the epoch record. A
@@ -666,7 +669,9 @@ def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
             nesterov=config.nesterov,
             weight_decay=config.weight_decay,
         )
-    return torch.optim.Adam(model.parameters(), lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+    return torch.optim.Adam(
+        model.parameters(), lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay
+    )
 
 
 class _StepLog:
@@ -784,7 +789,9 @@ def train(
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total_steps, desc=f"{config.model}/{config.norm} lr={config.lr:g}", unit="step", leave=False)
+            bar = tqdm(
+                total=total_steps, desc=f"{config.model}/{config.norm} lr={config.lr:g}", unit="step", leave=False
+            )
 
         for epoch in range(config.epochs):
             if step >= total_steps:

@@ -2,12 +2,12 @@
 
 from normlab.layers.base import NormBase
 from normlab.layers.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from normlab.layers.ghost import GhostBatchNorm
 from normlab.layers.groupnorm import GroupNorm, InstanceNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from normlab.layers.layernorm import LayerNorm, RMSNorm
-# last: these register themselves in normlab.registry, which imports the layers above
-from normlab.layers.renorm import BatchRenorm  # noqa: E402
-from normlab.layers.ghost import GhostBatchNorm  # noqa: E402
-from normlab.layers.noisy import NoisyBatchNorm  # noqa: E402
+from normlab.layers.noisy import NoisyBatchNorm
+from normlab.layers.renorm import BatchRenorm
+from normlab.layers.sync import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
     "NormBase",
@@ -25,4 +25,6 @@ __all__ = [
     "BatchRenorm",
     "GhostBatchNorm",
     "NoisyBatchNorm",
+    "SyncBatchNorm",
+    "convert_sync_batchnorm",
 ]

@@ -73,7 +73,9 @@ class _BatchNormBase(NormBase):
         self.debias = debias
         self.frozen = frozen
         self.unbiased_running_var = unbiased_running_var
-        self.register_buffer("num_nonfinite_batches", torch.tensor(0, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer(
+            "num_nonfinite_batches", torch.tensor(0, dtype=torch.long, device=device), persistent=False
+        )
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -109,7 +111,9 @@ class _BatchNormBase(NormBase):
         dim = self._feature_dim % input.dim() if input.dim() else 0
         self._check_features(input, dim)
         if not self._uses_batch_stats():
-            return NF.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, eps=self.eps, feature_dim=dim)
+            return NF.batch_norm(
+                input, self.running_mean, self.running_var, self.weight, self.bias, False, eps=self.eps, feature_dim=dim
+            )
         y, mean, var, count = NF.batch_norm_train(input, self.weight, self.bias, self.eps, feature_dim=dim, mask=mask)
         if self.training and self.track_running_stats:
             self._update(mean, var, count)
@@ -157,7 +161,9 @@ class BatchNorm(_BatchNormBase):
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
-            raise ValueError(f"BatchNorm: expected an input of at least 2 dims (a batch and a feature axis), got {input.dim()}D")
+            raise ValueError(
+                f"BatchNorm: expected an input of at least 2 dims (a batch and a feature axis), got {input.dim()}D"
+            )
         if not -input.dim() <= self._feature_dim < input.dim():
             raise IndexError(f"BatchNorm: feature_dim={self._feature_dim} is out of range for a {input.dim()}D input")
 
@@ -170,7 +176,9 @@ def _dims_checker(name: str, allowed: tuple[int, ...], hint: str):
     def check(self, input: Tensor) -> None:
         if input.dim() not in allowed:
             want = " or ".join(f"{d}D" for d in allowed)
-            raise ValueError(f"{name}: expected {want} input {hint}, got {input.dim()}D input of shape {tuple(input.shape)}")
+            raise ValueError(
+                f"{name}: expected {want} input {hint}, got {input.dim()}D input of shape {tuple(input.shape)}"
+            )
 
     return check
 

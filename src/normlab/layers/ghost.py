@@ -23,7 +23,6 @@ from torch import Tensor
 
 from normlab import functional as NF
 from normlab.layers.batchnorm import BatchNorm
-from normlab.registry import register_norm
 
 __all__ = ["GhostBatchNorm"]
 
@@ -77,8 +76,3 @@ class GhostBatchNorm(BatchNorm):
                 self._update(mean, var, count)
             out.append(y)
         return out[0] if len(out) == 1 else torch.cat(out, 0)  # cat keeps a channels-last layout
-
-
-@register_norm("ghostbatchnorm")
-def _ghostbatchnorm(num_features: int, *, feature_dim: int = 1, **kw) -> GhostBatchNorm:
-    return GhostBatchNorm(num_features, feature_dim=feature_dim, **kw)

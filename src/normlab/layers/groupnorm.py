@@ -41,7 +41,8 @@ class GroupNorm(nn.Module):
         if num_groups <= 0 or num_channels % num_groups != 0:
             divisors = [g for g in range(1, num_channels + 1) if num_channels % g == 0]
             raise ValueError(
-                f"GroupNorm: num_groups={num_groups} must divide num_channels={num_channels}; valid choices are {divisors}"
+                f"GroupNorm: num_groups={num_groups} must divide num_channels={num_channels}; "
+                f"valid choices are {divisors}"
             )
         factory = {"device": device, "dtype": dtype}
         self.num_groups = num_groups
@@ -106,7 +107,11 @@ class _InstanceNormBase(NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        unbatched = bool(self._spatial_dims) and input.dim() - 1 in self._spatial_dims and input.dim() - 2 not in self._spatial_dims
+        unbatched = (
+            bool(self._spatial_dims)
+            and input.dim() - 1 in self._spatial_dims
+            and input.dim() - 2 not in self._spatial_dims
+        )
         if unbatched:
             return self.forward(input.unsqueeze(0)).squeeze(0)
         if input.shape[1] != self.num_features:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +15,9 @@ __all__ = ["LayerNorm", "RMSNorm"]
 def _shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
     ns = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if not ns or any((not isinstance(d, int)) or d <= 0 for d in ns):
-        raise ValueError(f"normalized_shape must be a positive int or a non-empty sequence of them, got {normalized_shape!r}")
+        raise ValueError(
+            f"normalized_shape must be a positive int or a non-empty sequence of them, got {normalized_shape!r}"
+        )
     return ns
 
 

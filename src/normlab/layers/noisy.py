@@ -1,4 +1,4 @@
-""""Noisy" BatchNorm: BN followed by deliberately injected, time-varying distributional shift.
+""" "Noisy" BatchNorm: BN followed by deliberately injected, time-varying distributional shift.
 
 Santurkar et al. 2018 (§2.1, Fig. 2) test whether BN helps *because* it keeps
 layer-input distributions stable: they inject noise with non-zero mean and
@@ -39,7 +39,6 @@ from torch import Tensor
 
 from normlab import functional as NF
 from normlab.layers.batchnorm import BatchNorm
-from normlab.registry import norm_names, register_norm
 
 __all__ = ["NoisyBatchNorm"]
 
@@ -114,11 +113,3 @@ class NoisyBatchNorm(BatchNorm):
             if self.bias is not None:
                 y = y + self.bias.view(shape)
         return y
-
-
-def _noisybatchnorm(num_features: int, *, feature_dim: int = 1, **kw) -> NoisyBatchNorm:
-    return NoisyBatchNorm(num_features, feature_dim=feature_dim, **kw)
-
-
-if "noisybatchnorm" not in norm_names():  # idempotent under re-import
-    register_norm("noisybatchnorm", _noisybatchnorm)

@@ -40,7 +40,6 @@ from torch import Tensor
 
 from normlab import functional as NF
 from normlab.layers.batchnorm import BatchNorm
-from normlab.registry import register_norm
 
 __all__ = ["BatchRenorm"]
 
@@ -136,8 +135,3 @@ class BatchRenorm(BatchNorm):
         if self.track_running_stats:  # False only while normlab.accumulate_stats defers the update
             self._update(mean, var, count)
         return y
-
-
-@register_norm("batchrenorm")
-def _batchrenorm(num_features: int, *, feature_dim: int = 1, **kw) -> BatchRenorm:
-    return BatchRenorm(num_features, feature_dim=feature_dim, **kw)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from normlab import _kernels as K
 from normlab.functional import _column_view
-from normlab.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from normlab.layers.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "combine_moments", "gather_moments", "is_distributed"]
 
@@ -201,7 +201,14 @@ class SyncBatchNorm(BatchNorm):
 # torch.nn and normlab classes that become SyncBatchNorm (subclasses with other semantics, such as
 # BatchRenorm and GhostBatchNorm, are left alone)
 _CONVERTIBLE = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
 )
 _OPTIONS = ("momentum_convention", "debias", "frozen", "unbiased_running_var")
 
@@ -209,8 +216,15 @@ _OPTIONS = ("momentum_convention", "debias", "frozen", "unbiased_running_var")
 def _to_sync(module: nn.Module, process_group) -> SyncBatchNorm:
     kw = {k: getattr(module, k) for k in _OPTIONS if hasattr(module, k)}
     new = SyncBatchNorm(
-        module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-        process_group, device="meta", feature_dim=getattr(module, "feature_dim", 1), **kw,
+        module.num_features,
+        module.eps,
+        module.momentum,
+        module.affine,
+        module.track_running_stats,
+        process_group,
+        device="meta",
+        feature_dim=getattr(module, "feature_dim", 1),
+        **kw,
     )  # placeholder storage: the source's tensors are moved in below
     for name in list(new._parameters):
         new._parameters[name] = module._parameters.get(name)

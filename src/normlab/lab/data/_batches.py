@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ class Augment:
     pad: int | None = None
 
     @classmethod
-    def parse(cls, spec: "str | Augment | Callable | None") -> "Augment | Callable | None":
+    def parse(cls, spec: str | Augment | Callable | None) -> Augment | Callable | None:
         """``None``, ``"flip"``, ``"crop"``, ``"flip+crop"`` (or ``"flip-crop"``), an :class:`Augment`,
         or any ``f(x, generator) -> x``."""
         if spec is None or isinstance(spec, Augment) or (callable(spec) and not isinstance(spec, str)):
@@ -117,8 +117,8 @@ class Batches:
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
-        augment: "str | Augment | Callable | None" = None,
-        device: "torch.device | str | None" = None,
+        augment: str | Augment | Callable | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         if not isinstance(x, Tensor) or not isinstance(y, Tensor):
             raise TypeError(f"Batches expects tensors x and y, got {type(x).__name__} and {type(y).__name__}")

@@ -14,12 +14,14 @@ then applies the same steps to all of them, in this order:
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from normlab.registry import Registry
 
 __all__ = ["Dataset", "Raw", "load_dataset", "dataset_names", "register_dataset", "stratified_subset"]
 
@@ -72,7 +74,7 @@ class Raw:
     mask_test: np.ndarray | None = None
 
 
-_LOADERS: dict[str, Callable[..., Raw]] = {}
+DATASETS: Registry[Callable[..., Raw]] = Registry("dataset")
 
 
 def register_dataset(name: str):
@@ -81,20 +83,12 @@ def register_dataset(name: str):
     A loader that accepts ``n_train``/``n_test`` itself generates exactly that
     many samples; otherwise :func:`load_dataset` takes a stratified subset.
     """
-
-    def add(loader: Callable[..., Raw]) -> Callable[..., Raw]:
-        key = name.lower()
-        if key in _LOADERS:
-            raise KeyError(f"a dataset named {name!r} is already registered")
-        _LOADERS[key] = loader
-        return loader
-
-    return add
+    return DATASETS.register(name)
 
 
 def dataset_names() -> list[str]:
     """The registered dataset names, sorted."""
-    return sorted(_LOADERS)
+    return DATASETS.names()
 
 
 def _options(loader: Callable) -> list[str]:
@@ -119,10 +113,8 @@ def load_dataset(
     files live. ``**kw`` are the dataset's own options (see each loader's
     docstring; an unknown option raises and lists the valid ones).
     """
-    key = str(name).lower()
-    if key not in _LOADERS:
-        raise KeyError(f"unknown dataset {name!r}; known datasets: {', '.join(dataset_names())}")
-    loader = _LOADERS[key]
+    key = DATASETS.canonical(name)
+    loader = DATASETS.get(key)
     options = _options(loader)
     bad = sorted(set(kw) - set(options))
     if bad:

@@ -49,8 +49,15 @@ def _synthetic_images(
     ``separation * sqrt(2 * channels * H * W)`` noise units.
     """
     h, w = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
-    _check_positive(n_train=n_train, n_test=n_test, channels=channels, H=h, W=w, num_classes=num_classes,
-                    template_size=template_size)
+    _check_positive(
+        n_train=n_train,
+        n_test=n_test,
+        channels=channels,
+        H=h,
+        W=w,
+        num_classes=num_classes,
+        template_size=template_size,
+    )
     rng = np.random.default_rng([int(seed), 0x1A6E])
     grid = torch.from_numpy(rng.standard_normal((num_classes, channels, template_size, template_size)))
     templates = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False).numpy()  # (K, C, H, W)

@@ -61,9 +61,10 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from normlab.lab.experiments.framework import (
     Experiment,
@@ -178,8 +179,8 @@ def run_point(run: Run) -> dict[str, Any]:
     """Train one (norm, batch size) point; add eval-mode train metrics, the final train loss and precise-BN metrics."""
     import torch
 
-    from normlab.running_stats import batchnorm_modules, recalibrate
     from normlab.lab.train import evaluate, load_data, train
+    from normlab.running_stats import batchnorm_modules, recalibrate
 
     tc = run.train_config()
     result = train(tc, progress=run.progress)

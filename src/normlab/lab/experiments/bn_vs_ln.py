@@ -271,6 +271,7 @@ def _analyse(rows: list[dict[str, Any]], cfg: BnVsLnConfig) -> Verdict:
         for s in stable
         for p in PROBES
     }
+
     def bn(metric: str, text: str) -> Verdict:
         return threshold(v(metric, "batchnorm"), tol, "greater", name=f"BN {text} change")
 
@@ -282,6 +283,7 @@ def _analyse(rows: list[dict[str, Any]], cfg: BnVsLnConfig) -> Verdict:
     }
     verdict = combine(parts)
     order = [x for x in cfg.variants if x in present]
+
     def f(metric: str, x: str, digits: int = 3) -> str:
         return fmt_mean_std(v(metric, x), digits)
 
@@ -350,13 +352,30 @@ EXPERIMENT = register_experiment(
         config=BnVsLnConfig,
         scales={
             "smoke": BnVsLnConfig(
-                seeds=2, n_train=128, n_test=128, seq_len=12, d_model=16, depth=1, epochs=1, batch_size=16,
-                extra_padding=4, probe_examples=32, composition_groups=2,
+                seeds=2,
+                n_train=128,
+                n_test=128,
+                seq_len=12,
+                d_model=16,
+                depth=1,
+                epochs=1,
+                batch_size=16,
+                extra_padding=4,
+                probe_examples=32,
+                composition_groups=2,
             ),
             "quick": BnVsLnConfig(),
             "full": BnVsLnConfig(
-                seeds=5, n_train=20000, n_test=2000, seq_len=64, d_model=256, depth=4, heads=8, epochs=20,
-                batch_size=64, threads=4,
+                seeds=5,
+                n_train=20000,
+                n_test=2000,
+                seq_len=64,
+                d_model=256,
+                depth=4,
+                heads=8,
+                epochs=20,
+                batch_size=64,
+                threads=4,
             ),
         },
         grid=_grid,

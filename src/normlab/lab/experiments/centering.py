@@ -111,8 +111,17 @@ class MeanOnlyBatchNorm(nn.Module):
     feature_dim=1, **kw)``.
     """
 
-    def __init__(self, num_features: int, *, feature_dim: int = 1, momentum: float = 0.1, affine: bool = True,
-                 device=None, dtype=None, **_ignored: Any) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        feature_dim: int = 1,
+        momentum: float = 0.1,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+        **_ignored: Any,
+    ) -> None:
         super().__init__()
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
@@ -165,8 +174,10 @@ def register_mean_only() -> str:
     from normlab.registry import norm_names, register_norm
 
     if MEAN_ONLY not in norm_names():
-        register_norm(MEAN_ONLY, lambda num_features, *, feature_dim=1, **kw: MeanOnlyBatchNorm(
-            num_features, feature_dim=feature_dim, **kw))
+        register_norm(
+            MEAN_ONLY,
+            lambda num_features, *, feature_dim=1, **kw: MeanOnlyBatchNorm(num_features, feature_dim=feature_dim, **kw),
+        )
     return MEAN_ONLY
 
 
@@ -244,9 +255,9 @@ def _run_one(run: Run) -> dict[str, Any]:
         with torch.no_grad():
             now = [m.weight.detach().clone() for _, m in layers]
             if state["prev"] is not None:
-                state["ratios"].append([
-                    float((w - p).norm() / p.norm().clamp_min(1e-30)) for w, p in zip(now, state["prev"])
-                ])
+                state["ratios"].append(
+                    [float((w - p).norm() / p.norm().clamp_min(1e-30)) for w, p in zip(now, state["prev"])]
+                )
         state["prev"] = now
         state["names"] = [n for n, _ in layers]
 
@@ -280,11 +291,25 @@ def _run_one(run: Run) -> dict[str, Any]:
     try:
         batches = [ds.x_train[i : i + 500] for i in range(0, n, 500)]
         stats = layer_input_stats(model, batches, mode=run["stats_mode"])
-        layers: dict[str, list] = {k: [] for k in (
-            "name", "num_features", "second_moment_l1", "covariance_l1", "second_moment_fro", "covariance_fro",
-            "second_moment_spectral", "covariance_spectral", "mean_norm", "shift_objective", "shift_gap",
-            "shift_relative_gap", "shift_distance", "shift_relative_distance",
-        )}
+        layers: dict[str, list] = {
+            k: []
+            for k in (
+                "name",
+                "num_features",
+                "second_moment_l1",
+                "covariance_l1",
+                "second_moment_fro",
+                "covariance_fro",
+                "second_moment_spectral",
+                "covariance_spectral",
+                "mean_norm",
+                "shift_objective",
+                "shift_gap",
+                "shift_relative_gap",
+                "shift_distance",
+                "shift_relative_distance",
+            )
+        }
         for name, s in stats.items():
             opt = s.optimal_shift(restarts=run["shift_restarts"], seed=run.seed)
             cov_l1 = s.covariance_l1
@@ -326,7 +351,9 @@ def _analyse(rows: list[dict[str, Any]], cfg: CenteringConfig) -> Verdict:
     parts: dict[str, Verdict] = {}
     for norm in (none, bn):
         parts[f"centring lowers |E[xx^T]|_1 ({norm})"] = threshold(
-            _vals(rows, "mean_log10_centering_ratio", norm), 0.0, "less",
+            _vals(rows, "mean_log10_centering_ratio", norm),
+            0.0,
+            "less",
             name=f"{norm}: mean over layers of log10(|Cov|_1/|E[xx^T]|_1)",
         )
     gaps = {}
@@ -338,8 +365,12 @@ def _analyse(rows: list[dict[str, Any]], cfg: CenteringConfig) -> Verdict:
         gap_vals, cfg.gap_tolerance, "less", name="largest relative gap (|Cov|_1 - min_s)/|Cov|_1 over layers"
     )
     parts["division evens out update ratios"] = compare(
-        _vals(rows, "ratio_layer_spread", bn), _vals(rows, "ratio_layer_spread", mean_only), "less",
-        name_a=bn, name_b=mean_only, metric="std over layers of mean log10 |ΔW|/|W|",
+        _vals(rows, "ratio_layer_spread", bn),
+        _vals(rows, "ratio_layer_spread", mean_only),
+        "less",
+        name_a=bn,
+        name_b=mean_only,
+        metric="std over layers of mean log10 |ΔW|/|W|",
     )
     v = combine(parts)
 
@@ -348,8 +379,10 @@ def _analyse(rows: list[dict[str, Any]], cfg: CenteringConfig) -> Verdict:
         return fmt_mean_std([100 * (1 - 10**x) for x in xs], 3) if xs else "n/a"
 
     fro_ok = all(r.get("fro_centering_never_worse", True) for r in rows if r["norm"] in (none, bn))
-    spread = {n: (fmt_mean_std(_vals(rows, "ratio_layer_spread", n), 3) if _vals(rows, "ratio_layer_spread", n)
-                  else "n/a") for n in (bn, mean_only, none)}
+    spread = {
+        n: (fmt_mean_std(_vals(rows, "ratio_layer_spread", n), 3) if _vals(rows, "ratio_layer_spread", n) else "n/a")
+        for n in (bn, mean_only, none)
+    }
     summary = (
         f"centring lowers |E[xx^T]|_1 by {pct(none)} % ({none}) and {pct(bn)} % ({bn}) "
         f"[{parts[f'centring lowers |E[xx^T]|_1 ({none})'].status}/"
@@ -378,16 +411,44 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: CenteringConfig) -> li
             L = r["layers"]
             x = np.arange(len(L["name"]))
             lab = k == 0
-            ax.plot(x, L["second_moment_l1"], color=f"C{c}", ls="-", marker="o", ms=3, alpha=0.6,
-                    label=f"{norm}: |E[xxᵀ]|₁ (no centring)" if lab else None)
-            ax.plot(x, L["covariance_l1"], color=f"C{c}", ls="--", marker="s", ms=3, alpha=0.6,
-                    label=f"{norm}: |Cov x|₁ (centred)" if lab else None)
-            ax.plot(x, L["shift_objective"], color=f"C{c}", ls="none", marker="x", ms=6, alpha=0.8,
-                    label=f"{norm}: min over shifts s (found)" if lab else None)
+            ax.plot(
+                x,
+                L["second_moment_l1"],
+                color=f"C{c}",
+                ls="-",
+                marker="o",
+                ms=3,
+                alpha=0.6,
+                label=f"{norm}: |E[xxᵀ]|₁ (no centring)" if lab else None,
+            )
+            ax.plot(
+                x,
+                L["covariance_l1"],
+                color=f"C{c}",
+                ls="--",
+                marker="s",
+                ms=3,
+                alpha=0.6,
+                label=f"{norm}: |Cov x|₁ (centred)" if lab else None,
+            )
+            ax.plot(
+                x,
+                L["shift_objective"],
+                color=f"C{c}",
+                ls="none",
+                marker="x",
+                ms=6,
+                alpha=0.8,
+                label=f"{norm}: min over shifts s (found)" if lab else None,
+            )
     names = next((r["layers"]["name"] for r in rows if "layers" in r), [])
     ax.set_xticks(range(len(names)), [n.replace("blocks.", "").replace(".linear", "") for n in names])
-    ax.set(yscale="log", xlabel="layer (input of)", ylabel="entrywise L1 norm of the D×D matrix",
-           title="second-moment term of layer inputs (trained nets)")
+    ax.set(
+        yscale="log",
+        xlabel="layer (input of)",
+        ylabel="entrywise L1 norm of the D×D matrix",
+        title="second-moment term of layer inputs (trained nets)",
+    )
     ax.legend(fontsize=7)
     # (b) relative gap and relative distance of the best shift
     ax = axes[1]
@@ -395,14 +456,31 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: CenteringConfig) -> li
         for k, r in enumerate(r for r in rows if r["norm"] == norm):
             L = r["layers"]
             x = np.arange(len(L["name"])) + (c - 0.5) * 0.15
-            ax.scatter(x, np.maximum(L["shift_relative_gap"], 1e-12), color=f"C{c}", marker="o", s=14,
-                       label=f"{norm}: gap / |Cov|₁" if k == 0 else None)
-            ax.scatter(x, np.maximum(L["shift_relative_distance"], 1e-12), color=f"C{c}", marker="^", s=14,
-                       alpha=0.5, label=f"{norm}: |s* − E[x]| / |E[x]|" if k == 0 else None)
+            ax.scatter(
+                x,
+                np.maximum(L["shift_relative_gap"], 1e-12),
+                color=f"C{c}",
+                marker="o",
+                s=14,
+                label=f"{norm}: gap / |Cov|₁" if k == 0 else None,
+            )
+            ax.scatter(
+                x,
+                np.maximum(L["shift_relative_distance"], 1e-12),
+                color=f"C{c}",
+                marker="^",
+                s=14,
+                alpha=0.5,
+                label=f"{norm}: |s* − E[x]| / |E[x]|" if k == 0 else None,
+            )
     ax.axhline(cfg.gap_tolerance, color="k", ls=":", lw=1, label=f"gap tolerance {cfg.gap_tolerance:g}")
     ax.set_xticks(range(len(names)), [n.replace("blocks.", "").replace(".linear", "") for n in names])
-    ax.set(yscale="log", xlabel="layer (input of)", ylabel="relative value",
-           title="is the mean the best shift? (gap ≈ 0: yes)")
+    ax.set(
+        yscale="log",
+        xlabel="layer (input of)",
+        ylabel="relative value",
+        title="is the mean the best shift? (gap ≈ 0: yes)",
+    )
     ax.legend(fontsize=7)
     # (c) per-layer update ratios, averaged (in log10) over the steps of training
     ax = axes[2]
@@ -410,15 +488,28 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: CenteringConfig) -> li
         for k, r in enumerate(r for r in rows if r["norm"] == norm):
             m = np.array(r["layer_log10_ratio_mean"], dtype=float)
             if m.size:
-                ax.plot(np.arange(m.size), 10**m, color=f"C{c}", marker="o", ms=3, lw=1, alpha=0.8,
-                        label=f"{norm}: spread {r['ratio_layer_spread']:.3f}" if k == 0 else None)
+                ax.plot(
+                    np.arange(m.size),
+                    10**m,
+                    color=f"C{c}",
+                    marker="o",
+                    ms=3,
+                    lw=1,
+                    alpha=0.8,
+                    label=f"{norm}: spread {r['ratio_layer_spread']:.3f}" if k == 0 else None,
+                )
     lnames = next((r["ratio_layers"] for r in rows if r.get("ratio_layers")), [])
     ax.set_xticks(range(len(lnames)), [n.replace("blocks.", "").replace(".linear", "") for n in lnames])
-    ax.set(yscale="log", xlabel="layer (weights feeding a norm)", ylabel="geometric mean over steps of |ΔW|/|W|",
-           title="per-layer update-to-weight ratio (spread = std of log10 over layers)")
+    ax.set(
+        yscale="log",
+        xlabel="layer (weights feeding a norm)",
+        ylabel="geometric mean over steps of |ΔW|/|W|",
+        title="per-layer update-to-weight ratio (spread = std of log10 over layers)",
+    )
     ax.legend(fontsize=7)
-    fig.suptitle(f"C5 centring and scaling ({cfg.dataset}, MLP {cfg.depth}×{cfg.width}, SGD lr {cfg.lr:g})",
-                 fontsize=10)
+    fig.suptitle(
+        f"C5 centring and scaling ({cfg.dataset}, MLP {cfg.depth}×{cfg.width}, SGD lr {cfg.lr:g})", fontsize=10
+    )
     fig.tight_layout()
     return [save_figure(fig, out_dir, "centering")]
 
@@ -432,8 +523,18 @@ EXPERIMENT = register_experiment(
         scales={
             "smoke": CenteringConfig(seeds=2, depth=3, width=16, steps=15, stats_examples=300, shift_restarts=0),
             "quick": CenteringConfig(),
-            "full": CenteringConfig(seeds=5, dataset="cifar10", data_dir="data/cifar10", model="cnn", depth=5,
-                                    width=64, lr=0.05, batch_size=128, steps=20000, stats_examples=10000),
+            "full": CenteringConfig(
+                seeds=5,
+                dataset="cifar10",
+                data_dir="data/cifar10",
+                model="cnn",
+                depth=5,
+                width=64,
+                lr=0.05,
+                batch_size=128,
+                steps=20000,
+                stats_examples=10000,
+            ),
         },
         grid=_grid,
         run_one=_run_one,

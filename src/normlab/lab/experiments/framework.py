@@ -42,12 +42,15 @@ import re
 import statistics
 import time
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
+from normlab._io import atomic_write
 from normlab.lab.store import RunStore, environment, git_revision, source_hash, sweep, write_json_atomic
 from normlab.lab.train import ConfigError, TrainConfig, parse_overrides
+from normlab.registry import Registry
 
 __all__ = [
     "SCALES",
@@ -249,7 +252,10 @@ def combine(verdicts: Sequence[Verdict] | Mapping[str, Verdict], summary: str | 
 
 
 def values(rows: Iterable[Mapping[str, Any]], metric: str, **where: Any) -> list[float]:
-    """``metric`` from every row whose entries equal ``where`` (e.g. ``values(rows, "final_test_acc", norm="none")``)."""
+    """``metric`` from every row whose entries equal ``where``.
+
+    For example ``values(rows, "final_test_acc", norm="none")``.
+    """
     out = []
     for r in rows:
         if all(r.get(k) == v for k, v in where.items()):
@@ -278,13 +284,10 @@ def pyplot():
 
 
 def save_figure(fig, out_dir: str | Path, name: str, *, dpi: int = 120) -> Path:
-    """Save ``fig`` as ``<out_dir>/<name>.png`` (atomically, via a temp file) and close it."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.png"
-    tmp = out_dir / f".{name}.png.tmp"
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-    tmp.replace(path)
+    """Save ``fig`` as ``<out_dir>/<name>.png`` (atomically: concurrent writers never see half a file) and close it."""
+    path = atomic_write(
+        Path(out_dir) / f"{name}.png", lambda f: fig.savefig(f, dpi=dpi, bbox_inches="tight", format="png")
+    )
     pyplot().close(fig)
     return path
 
@@ -385,7 +388,9 @@ class Experiment:
                     f"experiment {self.name!r}: scale {s!r} is a {type(c).__name__}, not a {self.config.__name__}"
                 )
 
-    def config_for(self, scale: str = "quick", overrides: Sequence[str] | Mapping[str, Any] = (), seeds: int | None = None):
+    def config_for(
+        self, scale: str = "quick", overrides: Sequence[str] | Mapping[str, Any] = (), seeds: int | None = None
+    ):
         """The config at ``scale`` with ``overrides`` (``key=value``) and ``seeds`` applied; raises ConfigError."""
         if scale not in self.scales:
             raise ConfigError(f"scale {scale!r} is not one of: {', '.join(SCALES)}")
@@ -424,36 +429,24 @@ class Experiment:
         return [Path(p) for p in (paths or [])]
 
 
-_EXPERIMENTS: dict[str, Experiment] = {}
-_DISCOVERED = False
-
-
-def register_experiment(experiment: Experiment) -> Experiment:
-    """Add ``experiment`` to the registry; a name or claim id that is already registered raises ``KeyError``."""
-    if not isinstance(experiment, Experiment):
-        raise TypeError(f"register_experiment needs an Experiment, got {type(experiment).__name__}")
-    if experiment.name in _EXPERIMENTS:
-        raise KeyError(f"an experiment named {experiment.name!r} is already registered")
-    if experiment.claim is not None:
-        for other in _EXPERIMENTS.values():
-            if other.claim == experiment.claim:
-                raise KeyError(f"claim {experiment.claim} already has an experiment: {other.name!r}")
-    _EXPERIMENTS[experiment.name] = experiment
-    return experiment
-
-
 def _discover() -> None:
-    """Import every module of ``normlab.lab.experiments`` once, so that each registers its experiment."""
-    global _DISCOVERED
-    if _DISCOVERED:
-        return
-    _DISCOVERED = True
+    """Import every module of ``normlab.lab.experiments``, so that each registers its experiment."""
     import normlab.lab.experiments as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name.startswith("_") or info.name == "framework":
-            continue
-        importlib.import_module(f"{pkg.__name__}.{info.name}")
+        if not (info.name.startswith("_") or info.name in ("framework", "verdicts")):
+            importlib.import_module(f"{pkg.__name__}.{info.name}")
+
+
+EXPERIMENTS: Registry[Experiment] = Registry("experiment", discover=_discover)
+
+
+def register_experiment(experiment: Experiment) -> Experiment:
+    """Add ``experiment`` to the registry (also under its claim id); a name or claim id taken raises RegistryError."""
+    if not isinstance(experiment, Experiment):
+        raise TypeError(f"register_experiment needs an Experiment, got {type(experiment).__name__}")
+    aliases = (experiment.claim,) if experiment.claim is not None else ()
+    return EXPERIMENTS.register(experiment.name, experiment, aliases=aliases)
 
 
 def _claim_key(e: Experiment) -> tuple:
@@ -462,21 +455,13 @@ def _claim_key(e: Experiment) -> tuple:
 
 def experiment_names(*, include_examples: bool = True) -> list[str]:
     """Registered experiment names, in claim order (C1, C2, ...), then examples (no claim id)."""
-    _discover()
-    exps = sorted(_EXPERIMENTS.values(), key=_claim_key)
+    exps = sorted((e for _, e in EXPERIMENTS.items()), key=_claim_key)
     return [e.name for e in exps if include_examples or e.claim is not None]
 
 
 def get_experiment(name: str) -> Experiment:
-    """The experiment registered as ``name`` — or by its claim id (``"C1"``); raises ConfigError naming the choices."""
-    _discover()
-    if name in _EXPERIMENTS:
-        return _EXPERIMENTS[name]
-    for e in _EXPERIMENTS.values():
-        if e.claim is not None and e.claim.lower() == str(name).lower():
-            return e
-    known = ", ".join(experiment_names()) or "(none registered)"
-    raise ConfigError(f"unknown experiment {name!r}; registered experiments: {known}")
+    """The experiment registered as ``name`` or by its claim id (``"C1"``); unknown names raise RegistryError."""
+    return EXPERIMENTS.get(name)
 
 
 @dataclass
@@ -609,8 +594,16 @@ def run_experiment(
     launch.join_from_env(device)  # torchrun: join once, with the backend of this device (nccl for CUDA)
     main = launch.is_main_process()
     report = sweep(
-        store, exp.name, configs, run_fn, env_fn=env_fn, progress=progress and main, desc=desc,
-        executor=executor, workers=workers, address=address,
+        store,
+        exp.name,
+        configs,
+        run_fn,
+        env_fn=env_fn,
+        progress=progress and main,
+        desc=desc,
+        executor=executor,
+        workers=workers,
+        address=address,
     )
     stale = _stale_runs(report.runs)
     if stale and main:
@@ -625,8 +618,9 @@ def run_experiment(
     verdict = exp.call_analyse(rows, cfg)
     verdict_path = folder / "verdict.json"
     if not main:  # several processes (torchrun): rank 0 writes the figures and the verdict
-        return ExperimentResult(exp.name, exp.claim, scale, cfg, verdict, rows, [], folder, verdict_path,
-                                report.ran, report.skipped)
+        return ExperimentResult(
+            exp.name, exp.claim, scale, cfg, verdict, rows, [], folder, verdict_path, report.ran, report.skipped
+        )
     figures = exp.call_plot(rows, folder / "figures", cfg)
     verdict_path = write_json_atomic(
         verdict_path,
@@ -641,7 +635,9 @@ def run_experiment(
             "overrides": list(overrides.items()) if isinstance(overrides, Mapping) else list(overrides),
             "device": device,
             "runs": [r.run_id for r in report.runs],
-            "figures": [str(Path(p).relative_to(folder)) if Path(p).is_relative_to(folder) else str(p) for p in figures],
+            "figures": [
+                str(Path(p).relative_to(folder)) if Path(p).is_relative_to(folder) else str(p) for p in figures
+            ],
             "command": _command(exp.name, scale, seeds, overrides),
             "git_revision": git_revision(),
             "source_hash": source_hash(),

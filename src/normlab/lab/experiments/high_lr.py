@@ -201,8 +201,16 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: HighLRConfig) -> list[
                     loss = [x if x is not None and math.isfinite(x) else float("nan") for x in r["step_loss"]]
                     ax.plot(loss, lw=0.7, alpha=0.75, color=colours.get(norm), label=norm if k == 0 else None)
                     if r.get("diverged") and r.get("diverged_step") is not None:
-                        ax.plot([r["diverged_step"]], [1.0], marker="x", ms=9, mew=2, color=colours.get(norm),
-                                transform=ax.get_xaxis_transform(), clip_on=False)
+                        ax.plot(
+                            [r["diverged_step"]],
+                            [1.0],
+                            marker="x",
+                            ms=9,
+                            mew=2,
+                            color=colours.get(norm),
+                            transform=ax.get_xaxis_transform(),
+                            clip_on=False,
+                        )
                     n_failed += not is_stable(r, cfg.stable_acc)
                 failed.append(f"{norm} {n_failed}/{len(nrs)}")
             ax.set_yscale("log")

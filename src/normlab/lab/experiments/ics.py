@@ -157,6 +157,7 @@ def _grid(cfg: ICSConfig):
 
 def _run_one(run: Run) -> dict[str, Any]:
     import torch.nn.functional as F
+
     from normlab.lab.probes import distribution_shift, input_moments, internal_covariate_shift
     from normlab.lab.train import load_data, train
 
@@ -165,8 +166,16 @@ def _run_one(run: Run) -> dict[str, Any]:
     n = min(int(run["probe_examples"]), ds.x_train.shape[0])
     batch = (ds.x_train[:n], ds.y_train[:n])
 
-    rec: dict[str, list] = {"probe_steps": [], "ics_l2": [], "ics_relative": [], "ics_cosine": [], "ics_preceding": [],
-                            "shift_steps": [], "shift_mean": [], "shift_log_var": []}
+    rec: dict[str, list] = {
+        "probe_steps": [],
+        "ics_l2": [],
+        "ics_relative": [],
+        "ics_cosine": [],
+        "ics_preceding": [],
+        "shift_steps": [],
+        "shift_mean": [],
+        "shift_log_var": [],
+    }
     names: dict[str, list[str]] = {}
     pending: dict[str, Any] = {}  # layer-input moments at a probe point, compared one step later
 
@@ -268,8 +277,15 @@ def _analyse(rows: list[dict[str, Any]], cfg: ICSConfig) -> Verdict:
     verdict = combine(parts)
 
     numbers = dict(verdict.numbers)
-    tables = {"train_acc": train_acc, "test_acc": test_acc, "ics_cosine": cos, "ics_relative": rel, "ics_l2": l2,
-              "input_mean_shift": dshift, "input_log_var_shift": dvar}
+    tables = {
+        "train_acc": train_acc,
+        "test_acc": test_acc,
+        "ics_cosine": cos,
+        "ics_relative": rel,
+        "ics_l2": l2,
+        "input_mean_shift": dshift,
+        "input_log_var_shift": dvar,
+    }
     for key, table in tables.items():
         numbers[key] = {a: _stat(table[a].values()) for a in arms}
 
@@ -303,15 +319,29 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: ICSConfig) -> list[Pat
             loss = np.array([v if math.isfinite(v) else np.nan for v in r["step_loss"]], dtype=float)
             w = max(1, min(20, len(loss) // 10))
             smooth = np.convolve(loss, np.ones(w) / w, mode="valid") if len(loss) >= w else loss
-            ax_loss.plot(np.arange(len(smooth)) + w - 1, smooth, color=colour, lw=0.9, alpha=0.7,
-                         label=label if k == 0 else None)
+            ax_loss.plot(
+                np.arange(len(smooth)) + w - 1, smooth, color=colour, lw=0.9, alpha=0.7, label=label if k == 0 else None
+            )
             # the per-epoch records: stored as "result.epochs" because the param "epochs" (the count) has the name
             ep = r["result.epochs"] if "result.epochs" in r else r["epochs"]
             x = [e["epoch"] + 1 for e in ep]
-            ax_acc.plot(x, [e["train_acc"] for e in ep], color=colour, ls="-", alpha=0.7,
-                        label=f"{label}: training (as trained)" if k == 0 else None)
-            ax_acc.plot(x, [e["test_acc"] for e in ep], color=colour, ls=":", marker=".", alpha=0.7,
-                        label=f"{label}: test (eval mode)" if k == 0 else None)
+            ax_acc.plot(
+                x,
+                [e["train_acc"] for e in ep],
+                color=colour,
+                ls="-",
+                alpha=0.7,
+                label=f"{label}: training (as trained)" if k == 0 else None,
+            )
+            ax_acc.plot(
+                x,
+                [e["test_acc"] for e in ep],
+                color=colour,
+                ls=":",
+                marker=".",
+                alpha=0.7,
+                label=f"{label}: test (eval mode)" if k == 0 else None,
+            )
         # per-layer ICS, averaged over probe points then seeds (the first layer, with G' = G, left out)
         panels = ((ax_cos, "ics_cosine"), (ax_rel, "ics_relative"), (ax_dm, "shift_mean"), (ax_dv, "shift_log_var"))
         for ax, key in panels:
@@ -326,25 +356,53 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: ICSConfig) -> list[Pat
                     warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (zero gradients) stay NaN
                     means = np.array([np.nanmean(m, axis=0) for m in per_run])  # (runs, layers - 1)
                     layers = np.arange(2, means.shape[1] + 2)
-                    ax.errorbar(layers, np.nanmean(means, 0), yerr=np.nanstd(means, 0), color=colour,
-                                marker="o", capsize=3, label=label)
-    ax_loss.set(xlabel="optimizer step", ylabel="training loss (nats, running mean)", yscale="log",
-                title="training curves (every seed)")
+                    ax.errorbar(
+                        layers,
+                        np.nanmean(means, 0),
+                        yerr=np.nanstd(means, 0),
+                        color=colour,
+                        marker="o",
+                        capsize=3,
+                        label=label,
+                    )
+    ax_loss.set(
+        xlabel="optimizer step",
+        ylabel="training loss (nats, running mean)",
+        yscale="log",
+        title="training curves (every seed)",
+    )
     ax_acc.set(xlabel="epoch", ylabel="accuracy (fraction)", title="accuracy per epoch (every seed)")
-    ax_cos.set(xlabel="Linear layer (2 = second, last = classifier)", ylabel="cos(G, G')",
-               title="ICS: gradient direction kept after earlier layers step (higher = less ICS)")
-    ax_rel.set(xlabel="Linear layer (2 = second, last = classifier)", ylabel="|G − G'| / |G|", yscale="log",
-               title="ICS: relative gradient change (lower = less ICS)")
-    ax_dm.set(xlabel="Linear layer (2 = second, last = classifier)", ylabel="RMS of Δ(input mean) / std",
-              yscale="log", title="distributional shift: layer-input mean change per step")
-    ax_dv.set(xlabel="Linear layer (2 = second, last = classifier)", ylabel="RMS of Δ log(input variance)",
-              yscale="log", title="distributional shift: layer-input variance change per step")
+    ax_cos.set(
+        xlabel="Linear layer (2 = second, last = classifier)",
+        ylabel="cos(G, G')",
+        title="ICS: gradient direction kept after earlier layers step (higher = less ICS)",
+    )
+    ax_rel.set(
+        xlabel="Linear layer (2 = second, last = classifier)",
+        ylabel="|G − G'| / |G|",
+        yscale="log",
+        title="ICS: relative gradient change (lower = less ICS)",
+    )
+    ax_dm.set(
+        xlabel="Linear layer (2 = second, last = classifier)",
+        ylabel="RMS of Δ(input mean) / std",
+        yscale="log",
+        title="distributional shift: layer-input mean change per step",
+    )
+    ax_dv.set(
+        xlabel="Linear layer (2 = second, last = classifier)",
+        ylabel="RMS of Δ log(input variance)",
+        yscale="log",
+        title="distributional shift: layer-input variance change per step",
+    )
     for ax in (ax_cos, ax_rel, ax_dm, ax_dv):
         ax.xaxis.get_major_locator().set_params(integer=True)
     for ax in axes.flat:
         ax.legend(fontsize=7)
-    fig.suptitle(f"C15 ics: {cfg.depth}-hidden-layer ReLU MLP on {cfg.dataset}; none / BN / noisy BN "
-                 f"(noise m={cfg.noise_mean:g}, s={cfg.noise_std:g}, strength k)")
+    fig.suptitle(
+        f"C15 ics: {cfg.depth}-hidden-layer ReLU MLP on {cfg.dataset}; none / BN / noisy BN "
+        f"(noise m={cfg.noise_mean:g}, s={cfg.noise_std:g}, strength k)"
+    )
     fig.tight_layout()
     return [save_figure(fig, out_dir, "ics")]
 

@@ -262,10 +262,23 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: LRvsBatchConfig) -> li
                 m, s, _ = mean_std([_acc(r) for r in point])
                 ms.append(m)
                 ss.append(s)
-            ax0.errorbar(lrs, ms, yerr=ss, ls=styles[variant], marker="o", ms=3, capsize=2, color=f"C{k + 3}",
-                         label=f"{variant}, batch {bs}")
-    ax0.set(xlabel="peak learning rate", ylabel="final test accuracy", ylim=(0, 1.02),
-            title="accuracy vs learning rate (mean ± std over seeds)")
+            ax0.errorbar(
+                lrs,
+                ms,
+                yerr=ss,
+                ls=styles[variant],
+                marker="o",
+                ms=3,
+                capsize=2,
+                color=f"C{k + 3}",
+                label=f"{variant}, batch {bs}",
+            )
+    ax0.set(
+        xlabel="peak learning rate",
+        ylabel="final test accuracy",
+        ylim=(0, 1.02),
+        title="accuracy vs learning rate (mean ± std over seeds)",
+    )
     ax0.set_xscale("log", base=2)
     ax0.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.15))
 
@@ -286,8 +299,11 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: LRvsBatchConfig) -> li
     ref = [min(cfg.lrs) * 2 * bs / sizes[0] for bs in sizes]
     ax1.plot(sizes, ref, color="grey", lw=0.8, ls="-.", label="∝ batch size (linear scaling)")
     ax1.axhline(max(r["lr"] for r in rows), color="grey", lw=0.6, ls=":", label="grid top")
-    ax1.set(xlabel="batch size (examples)", ylabel="best peak learning rate",
-            title="optimal learning rate vs batch size (geo. mean ± std)")
+    ax1.set(
+        xlabel="batch size (examples)",
+        ylabel="best peak learning rate",
+        title="optimal learning rate vs batch size (geo. mean ± std)",
+    )
     ax1.set_xscale("log", base=2)
     ax1.set_yscale("log", base=2)
     ax1.legend(fontsize=7)
@@ -305,8 +321,16 @@ EXPERIMENT = register_experiment(
         title="With BatchNorm the best learning rate grows with the batch size; with SkipInit it saturates earlier",
         config=LRvsBatchConfig,
         scales={
-            "smoke": LRvsBatchConfig(seeds=2, n_train=256, depth=1, stages=1, base_width=4, batch_sizes=(16, 64),
-                                     lrs=(0.03125, 0.5), epochs=1),
+            "smoke": LRvsBatchConfig(
+                seeds=2,
+                n_train=256,
+                depth=1,
+                stages=1,
+                base_width=4,
+                batch_sizes=(16, 64),
+                lrs=(0.03125, 0.5),
+                epochs=1,
+            ),
             "quick": LRvsBatchConfig(),
             "full": LRvsBatchConfig(
                 seeds=3,

@@ -400,8 +400,13 @@ EXPERIMENT = register_experiment(
         config=MomentumConfig,
         scales={
             "smoke": MomentumConfig(
-                seeds=2, n_train=256, model_kwargs={"channels": [4, 8]}, momenta=(0.01, 0.1, 0.5), steps=20,
-                probe_every=2, early_steps=6,
+                seeds=2,
+                n_train=256,
+                model_kwargs={"channels": [4, 8]},
+                momenta=(0.01, 0.1, 0.5),
+                steps=20,
+                probe_every=2,
+                early_steps=6,
             ),
             "quick": MomentumConfig(),
             "full": MomentumConfig(

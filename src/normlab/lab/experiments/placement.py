@@ -206,13 +206,31 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: PlacementConfig) -> li
             for k, r in enumerate(prs):
                 cap = r.get("chance_loss", math.log(10))
                 loss = [min(x, cap) if x is not None and math.isfinite(x) else cap for x in r["step_loss"]]
-                ax.plot(_smooth(loss, 10), lw=0.8, alpha=0.8, color=colours.get(placement),
-                        ls="--" if placement == REFERENCE else "-", label=placement if k == 0 else None)
+                ax.plot(
+                    _smooth(loss, 10),
+                    lw=0.8,
+                    alpha=0.8,
+                    color=colours.get(placement),
+                    ls="--" if placement == REFERENCE else "-",
+                    label=placement if k == 0 else None,
+                )
                 if r.get("diverged") and r.get("diverged_step") is not None:
-                    ax.plot([r["diverged_step"]], [1.0], marker="x", ms=8, mew=2, color=colours.get(placement),
-                            transform=ax.get_xaxis_transform(), clip_on=False)
-        ax.set(yscale="log", xlabel="optimizer step", ylabel="training loss (nats, 10-step mean, capped at ln K)",
-               title=f"SGD lr={lr:g}: training loss, every seed (x = diverged)")
+                    ax.plot(
+                        [r["diverged_step"]],
+                        [1.0],
+                        marker="x",
+                        ms=8,
+                        mew=2,
+                        color=colours.get(placement),
+                        transform=ax.get_xaxis_transform(),
+                        clip_on=False,
+                    )
+        ax.set(
+            yscale="log",
+            xlabel="optimizer step",
+            ylabel="training loss (nats, 10-step mean, capped at ln K)",
+            title=f"SGD lr={lr:g}: training loss, every seed (x = diverged)",
+        )
         ax.legend(fontsize=8)
         ax = axes[1, j]
         names = [p for p in order if any(r["placement"] == p for r in rs)]
@@ -224,8 +242,10 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: PlacementConfig) -> li
             ax.errorbar([i], [m], yerr=[s], color=colours[p], marker="_", ms=20, capsize=6)
             ax.annotate(f"acc {mean_std(acc)[0]:.3f}", (i, m), textcoords="offset points", xytext=(10, 0), fontsize=8)
         ax.set_xticks(range(len(names)), names)
-        ax.set(ylabel="mean training loss over the run (nats, capped)",
-               title="speed: lower is faster (mean ± std, per seed)")
+        ax.set(
+            ylabel="mean training loss over the run (nats, capped)",
+            title="speed: lower is faster (mean ± std, per seed)",
+        )
     fig.suptitle(f"C6 placement: {cfg.norm} before the conv / after it (pre-activation) / after the activation")
     return [save_figure(fig, out_dir, "placement")]
 
@@ -237,11 +257,19 @@ EXPERIMENT = register_experiment(
         title="BatchNorm before the conv, between conv and activation, or after the activation",
         config=PlacementConfig,
         scales={
-            "smoke": PlacementConfig(seeds=2, dataset="digits", n_train=256, channels=(4, 8), lrs=(0.05,), epochs=1,
-                                     batch_size=32),
+            "smoke": PlacementConfig(
+                seeds=2, dataset="digits", n_train=256, channels=(4, 8), lrs=(0.05,), epochs=1, batch_size=32
+            ),
             "quick": PlacementConfig(),
-            "full": PlacementConfig(seeds=5, dataset="cifar10", channels=(64, 128, 256), lrs=(0.01, 0.05, 0.2, 0.8),
-                                    epochs=30, batch_size=128, threads=4),
+            "full": PlacementConfig(
+                seeds=5,
+                dataset="cifar10",
+                channels=(64, 128, 256),
+                lrs=(0.01, 0.05, 0.2, 0.8),
+                epochs=30,
+                batch_size=128,
+                threads=4,
+            ),
         },
         grid=_grid,
         run_one=_run_one,

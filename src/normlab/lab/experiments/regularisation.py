@@ -235,8 +235,16 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: RegularisationConfig) 
                     xs.append(bs)
                     ms.append(m)
                     ss.append(s)
-            ax.errorbar([x * (1 + 0.03 * (i - 2)) for x in xs], ms, yerr=ss, marker="o", capsize=3, color=f"C{i}",
-                        ls="--" if "dropout" in c else "-", label=c)
+            ax.errorbar(
+                [x * (1 + 0.03 * (i - 2)) for x in xs],
+                ms,
+                yerr=ss,
+                marker="o",
+                capsize=3,
+                color=f"C{i}",
+                ls="--" if "dropout" in c else "-",
+                label=c,
+            )
         ax.set_xscale("log", base=2)
         ax.set(xlabel="batch size (examples)", ylabel=ylabel, title=f"{title} (mean ± std over seeds)")
     handles, labels = axes[0].get_legend_handles_labels()
@@ -253,11 +261,28 @@ EXPERIMENT = register_experiment(
         title="BatchNorm's batch noise narrows the generalisation gap, less so at large batch; dropout differs",
         config=RegularisationConfig,
         scales={
-            "smoke": RegularisationConfig(seeds=2, dataset="digits", n_train=256, width=32, depth=2,
-                                          conditions=("none", "batchnorm", "dropout"), batch_sizes=(16, 64), epochs=1),
+            "smoke": RegularisationConfig(
+                seeds=2,
+                dataset="digits",
+                n_train=256,
+                width=32,
+                depth=2,
+                conditions=("none", "batchnorm", "dropout"),
+                batch_sizes=(16, 64),
+                epochs=1,
+            ),
             "quick": RegularisationConfig(),
-            "full": RegularisationConfig(seeds=5, dataset="cifar10", n_train=5000, width=512, depth=4,
-                                         batch_sizes=(16, 32, 64, 128, 256, 512), lr=0.02, epochs=100, threads=4),
+            "full": RegularisationConfig(
+                seeds=5,
+                dataset="cifar10",
+                n_train=5000,
+                width=512,
+                depth=4,
+                batch_sizes=(16, 32, 64, 128, 256, 512),
+                lr=0.02,
+                epochs=100,
+                threads=4,
+            ),
         },
         grid=_grid,
         run_one=_run_one,

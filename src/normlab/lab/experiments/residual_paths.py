@@ -106,12 +106,26 @@ class PathsConfig:
 
 def _grid(cfg: PathsConfig):
     for d in cfg.depths:
-        yield {"kind": "analytic", "d": d, "num_paths": cfg.num_paths, "max_branches": cfg.max_branches,
-               "claimed_share": cfg.claimed_share}
+        yield {
+            "kind": "analytic",
+            "d": d,
+            "num_paths": cfg.num_paths,
+            "max_branches": cfg.max_branches,
+            "claimed_share": cfg.claimed_share,
+        }
     for act in cfg.net_activations:
-        yield {"kind": "network", "d": cfg.net_depth, "activation": act, "width": cfg.net_width,
-               "dataset": "digits", "batch_size": cfg.batch_size, "norm": "batchnorm", "mode": "train",
-               "max_branches": cfg.max_branches, "claimed_share": cfg.claimed_share}
+        yield {
+            "kind": "network",
+            "d": cfg.net_depth,
+            "activation": act,
+            "width": cfg.net_width,
+            "dataset": "digits",
+            "batch_size": cfg.batch_size,
+            "norm": "batchnorm",
+            "mode": "train",
+            "max_branches": cfg.max_branches,
+            "claimed_share": cfg.claimed_share,
+        }
 
 
 def _truncate(dist: np.ndarray) -> tuple[list[float], float]:
@@ -167,8 +181,15 @@ def _run_network(run: Run) -> dict[str, Any]:
     try:
         torch.manual_seed(run.seed)
         model = build_model(
-            "resnet", in_shape=tuple(ds.input_shape), num_classes=ds.num_classes, norm_layer=run["norm"],
-            depth=run["d"], width=1, base_width=run["width"], stages=1, activation=run["activation"],
+            "resnet",
+            in_shape=tuple(ds.input_shape),
+            num_classes=ds.num_classes,
+            norm_layer=run["norm"],
+            depth=run["d"],
+            width=1,
+            base_width=run["width"],
+            stages=1,
+            activation=run["activation"],
         ).double()
         a = blocks_as_arrays(residual_stats(model, [x], mode=run["mode"]))
     finally:
@@ -222,8 +243,10 @@ def _analyse(rows: list[dict[str, Any]], cfg: PathsConfig) -> Verdict:
             f"{100 * share:.2f} %",
             {"d": dmax, "k_for_share": k97, "share_at_k": share, "mean_length": top["analytic_mean_length"]},
         )
-        bits.append(parts["analytic"].summary + f", mean path length {top['analytic_mean_length']:.2f}"
-                    f" (no norm: {top['unnormalised_mean_length']:.0f})")
+        bits.append(
+            parts["analytic"].summary + f", mean path length {top['analytic_mean_length']:.2f}"
+            f" (no norm: {top['unnormalised_mean_length']:.0f})"
+        )
         zs = {}
         for d in sorted({r["d"] for r in ana}):
             rs = [r for r in ana if r["d"] == d]
@@ -235,8 +258,15 @@ def _analyse(rows: list[dict[str, Any]], cfg: PathsConfig) -> Verdict:
             se_mean = math.sqrt(max(rs[0]["analytic_length_variance"], 1e-300) / n)
             z1 = (sim_share - p) / se_share if p < 1 else (0.0 if sim_share == 1 else float("inf"))
             z2 = (sim_mean - rs[0]["analytic_mean_length"]) / se_mean
-            zs[d] = {"share_z": z1, "mean_z": z2, "sim_share_at_k": sim_share, "analytic_share_at_k": p,
-                     "sim_mean_length": sim_mean, "analytic_mean_length": rs[0]["analytic_mean_length"], "paths": n}
+            zs[d] = {
+                "share_z": z1,
+                "mean_z": z2,
+                "sim_share_at_k": sim_share,
+                "analytic_share_at_k": p,
+                "sim_mean_length": sim_mean,
+                "analytic_mean_length": rs[0]["analytic_mean_length"],
+                "paths": n,
+            }
         zmax = max(max(abs(v["share_z"]), abs(v["mean_z"])) for v in zs.values())
         parts["simulation"] = Verdict(
             "holds" if zmax <= cfg.z_max else "does not hold",
@@ -249,8 +279,9 @@ def _analyse(rows: list[dict[str, Any]], cfg: PathsConfig) -> Verdict:
         rs = [r for r in net if r["activation"] == act]
         name = "linear" if act == "identity" else act
         errs = [r["median_rel_error"] for r in rs]
-        parts[f"network ({name})"] = threshold(errs, cfg.share_tolerance, "less",
-                                               name=f"{name} BN ResNet median |p_meas/p_an - 1|")
+        parts[f"network ({name})"] = threshold(
+            errs, cfg.share_tolerance, "less", name=f"{name} BN ResNet median |p_meas/p_an - 1|"
+        )
         bits.append(
             f"{name} BN ResNet, {rs[0]['d']} blocks: median |p_meas/p_an − 1| {fmt_mean_std(errs)} "
             f"(vs 1/(i+1): {fmt_mean_std([r['median_rel_error_textbook'] for r in rs])}); "
@@ -277,35 +308,67 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: PathsConfig) -> list[P
         cum = np.minimum(np.cumsum(dist), 1.0)[: ks.size]
         ax1.plot(ks, cum, color=f"C{c}", lw=1.5, label=f"d = {d:,} (analytic)")
         sim = np.mean([np.array(r["sim_distribution"]) for r in rs], axis=0)
-        ax1.plot(ks, np.minimum(np.cumsum(sim), 1.0)[: ks.size], color=f"C{c}", ls="none", marker="o", ms=3,
-                 alpha=0.7, label=f"d = {d:,} (simulated, {len(rs)}×{rs[0]['num_paths']} paths)")
+        ax1.plot(
+            ks,
+            np.minimum(np.cumsum(sim), 1.0)[: ks.size],
+            color=f"C{c}",
+            ls="none",
+            marker="o",
+            ms=3,
+            alpha=0.7,
+            label=f"d = {d:,} (simulated, {len(rs)}×{rs[0]['num_paths']} paths)",
+        )
         ax2.plot(ks, dist[: ks.size], color=f"C{c}", lw=1.5, label=f"d = {d:,}")
         ax2.plot(ks, sim[: ks.size], color=f"C{c}", ls="none", marker="o", ms=3, alpha=0.7)
     ax1.axhline(cfg.claimed_share, color="k", ls=":", lw=1)
     ax1.axvline(cfg.max_branches, color="k", ls=":", lw=1)
     ax1.text(cfg.max_branches + 0.5, 0.05, f"k = {cfg.max_branches}", fontsize=8)
     ax1.text(1, cfg.claimed_share + 0.01, f"{100 * cfg.claimed_share:g} %", fontsize=8)
-    ax1.set(xlabel="path length k (branches taken)", ylabel="share of output variance through ≤ k branches",
-            title="cumulative share, BN (branch i carries 1/(i+1))", ylim=(0, 1.02))
+    ax1.set(
+        xlabel="path length k (branches taken)",
+        ylabel="share of output variance through ≤ k branches",
+        title="cumulative share, BN (branch i carries 1/(i+1))",
+        ylim=(0, 1.02),
+    )
     ax1.legend(fontsize=6.5)
-    ax2.set(xlabel="path length k", ylabel="share of output variance through exactly k branches",
-            title="path-length distribution (lines analytic, dots simulated)")
+    ax2.set(
+        xlabel="path length k",
+        ylabel="share of output variance through exactly k branches",
+        title="path-length distribution (lines analytic, dots simulated)",
+    )
     ax2.legend(fontsize=7)
     for c, act in enumerate(dict.fromkeys(r["activation"] for r in net)):
         rs = [r for r in net if r["activation"] == act]
         name = "linear" if act == "identity" else ("ReLU" if act == "relu" else act)
         for k, r in enumerate(rs):
             i = np.arange(1, len(r["measured_share"]) + 1)
-            ax3.plot(i, r["measured_share"], color=f"C{c}", lw=0.8, alpha=0.6,
-                     label=f"{name} BN ResNet, measured Var(branch)/Var(out)" if k == 0 else None)
+            ax3.plot(
+                i,
+                r["measured_share"],
+                color=f"C{c}",
+                lw=0.8,
+                alpha=0.6,
+                label=f"{name} BN ResNet, measured Var(branch)/Var(out)" if k == 0 else None,
+            )
             if k == 0:
-                ax3.plot(i, r["analytic_share"], color=f"C{c}", ls="--", lw=1.2,
-                         label=f"{name}: analytic b/(v₁ + i·b), seed 0")
+                ax3.plot(
+                    i,
+                    r["analytic_share"],
+                    color=f"C{c}",
+                    ls="--",
+                    lw=1.2,
+                    label=f"{name}: analytic b/(v₁ + i·b), seed 0",
+                )
     if net:
         i = np.arange(1, len(net[0]["textbook_share"]) + 1)
         ax3.plot(i, net[0]["textbook_share"], color="k", ls=":", lw=1, label="1/(i+1)")
-    ax3.set(xscale="log", yscale="log", xlabel="block i", ylabel="share of block i's output variance",
-            title="per-block share in a BN ResNet at init (train mode)")
+    ax3.set(
+        xscale="log",
+        yscale="log",
+        xlabel="block i",
+        ylabel="share of block i's output variance",
+        title="per-block share in a BN ResNet at init (train mode)",
+    )
     ax3.legend(fontsize=7)
     fig.suptitle("C10 residual net as an ensemble of paths: output variance by path length", fontsize=10)
     fig.tight_layout()
@@ -319,8 +382,15 @@ EXPERIMENT = register_experiment(
         title="With BN, shallow paths dominate: ~97 % of the output variance of 10,000 blocks through <= ~15 branches",
         config=PathsConfig,
         scales={
-            "smoke": PathsConfig(seeds=2, depths=(10, 10000), num_paths=2000, net_depth=8, net_width=4, batch_size=32,
-                                 net_activations=("relu",)),
+            "smoke": PathsConfig(
+                seeds=2,
+                depths=(10, 10000),
+                num_paths=2000,
+                net_depth=8,
+                net_width=4,
+                batch_size=32,
+                net_activations=("relu",),
+            ),
             "quick": PathsConfig(),
             "full": PathsConfig(seeds=5, num_paths=1_000_000, net_depth=1000),
         },

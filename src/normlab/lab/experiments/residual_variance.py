@@ -133,16 +133,29 @@ def fit_skip_growth(skip_var) -> dict[str, float]:
     v = np.asarray(skip_var, dtype=np.float64)
     i = np.arange(1, v.size + 1, dtype=np.float64)
     ok = np.isfinite(v) & (v > 0)
-    out = {"slope": float("nan"), "intercept": float("nan"), "r2": float("nan"), "growth": float("nan"),
-           "log2_slope": float("nan"), "total_growth": float("nan"), "points": int(ok.sum())}
+    out = {
+        "slope": float("nan"),
+        "intercept": float("nan"),
+        "r2": float("nan"),
+        "growth": float("nan"),
+        "log2_slope": float("nan"),
+        "total_growth": float("nan"),
+        "points": int(ok.sum()),
+    }
     if ok.sum() < 2:
         return out
     c, b = np.polyfit(i[ok], v[ok], 1)
     resid = v[ok] - (c * i[ok] + b)
     tot = np.sum((v[ok] - v[ok].mean()) ** 2)
     s = np.polyfit(i[ok], np.log2(v[ok]), 1)[0]
-    out.update(slope=float(c), intercept=float(b), r2=float(1 - resid @ resid / tot) if tot > 0 else float("nan"),
-               log2_slope=float(s), growth=float(2.0**s), total_growth=float(v[ok][-1] / v[ok][0]))
+    out.update(
+        slope=float(c),
+        intercept=float(b),
+        r2=float(1 - resid @ resid / tot) if tot > 0 else float("nan"),
+        log2_slope=float(s),
+        growth=float(2.0**s),
+        total_growth=float(v[ok][-1] / v[ok][0]),
+    )
     return out
 
 
@@ -164,8 +177,15 @@ def _run_one(run: Run) -> dict[str, Any]:
     try:
         torch.manual_seed(run.seed)
         model = build_model(
-            "resnet", in_shape=tuple(ds.input_shape), num_classes=ds.num_classes, norm_layer=run["norm"],
-            depth=run["depth"], width=1, base_width=run["width"], stages=1, activation=run["activation"],
+            "resnet",
+            in_shape=tuple(ds.input_shape),
+            num_classes=ds.num_classes,
+            norm_layer=run["norm"],
+            depth=run["depth"],
+            width=1,
+            base_width=run["width"],
+            stages=1,
+            activation=run["activation"],
             residual_scale=run["residual_scale"],
         ).to(dtype)
         stats = residual_stats(model, [x], mode=run["mode"])
@@ -203,10 +223,12 @@ def _analyse(rows: list[dict[str, Any]], cfg: ResidualVarianceConfig) -> Verdict
         if any(r["variant"] == "batchnorm" and r["activation"] == act for r in rows):
             w = {"activation": act, "variant": "batchnorm"}
             parts[f"{name} BN: slope c < 1"] = threshold(_vals(rows, "fit_slope", **w), 1.0, "less", name="c")
-            parts[f"{name} BN: R² > {cfg.r2_min:g}"] = threshold(_vals(rows, "fit_r2", **w), cfg.r2_min, "greater",
-                                                                 name="R²")
+            parts[f"{name} BN: R² > {cfg.r2_min:g}"] = threshold(
+                _vals(rows, "fit_r2", **w), cfg.r2_min, "greater", name="R²"
+            )
             parts[f"{name} BN: branch within 2x of 1"] = threshold(
-                _vals(rows, "branch_max_abs_log2", **w), 1.0, "less", name="max_i |log2 Var(branch_i)|")
+                _vals(rows, "branch_max_abs_log2", **w), 1.0, "less", name="max_i |log2 Var(branch_i)|"
+            )
             bits.append(
                 f"{name} BN: Var(skip_i) ≈ c·i + b with c {fmt_mean_std(_vals(rows, 'fit_slope', **w))}, "
                 f"R² {fmt_mean_std(_vals(rows, 'fit_r2', **w), 4)}, "
@@ -216,9 +238,12 @@ def _analyse(rows: list[dict[str, Any]], cfg: ResidualVarianceConfig) -> Verdict
             w = {"activation": act, "variant": "none"}
             g = _vals(rows, "fit_growth", **w)
             parts[f"{name} none: growth > {cfg.growth_min:g}/block"] = threshold(
-                [x if math.isfinite(x) else 0.0 for x in g], cfg.growth_min, "greater", name="growth factor per block")
-            bits.append(f"{name} none (α=1): ×{fmt_mean_std(g)} per block, Var(skip_d) "
-                        f"{fmt_mean_std(_vals(rows, 'skip_last', **w), 2)}")
+                [x if math.isfinite(x) else 0.0 for x in g], cfg.growth_min, "greater", name="growth factor per block"
+            )
+            bits.append(
+                f"{name} none (α=1): ×{fmt_mean_std(g)} per block, Var(skip_d) "
+                f"{fmt_mean_std(_vals(rows, 'skip_last', **w), 2)}"
+            )
         for v in ("skipinit-0", "skipinit-sqrt"):
             w = {"activation": act, "variant": v}
             if any(r["variant"] == v and r["activation"] == act for r in rows):
@@ -230,8 +255,12 @@ def _analyse(rows: list[dict[str, Any]], cfg: ResidualVarianceConfig) -> Verdict
     return Verdict(v.status, summary, v.numbers)
 
 
-_STYLE = {"batchnorm": ("C0", "BN"), "none": ("C3", "none, α=1"), "skipinit-0": ("C2", "SkipInit α=0"),
-          "skipinit-sqrt": ("C1", "SkipInit α=1/√d")}
+_STYLE = {
+    "batchnorm": ("C0", "BN"),
+    "none": ("C3", "none, α=1"),
+    "skipinit-0": ("C2", "SkipInit α=0"),
+    "skipinit-sqrt": ("C1", "SkipInit α=1/√d"),
+}
 
 
 def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: ResidualVarianceConfig) -> list[Path]:
@@ -247,21 +276,53 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: ResidualVarianceConfig
             for k, r in enumerate(rs):
                 i = np.arange(1, len(r["skip_variance"]) + 1)
                 d = max(d, i[-1])
-                top.plot(i, r["skip_variance"], color=colour, lw=1.2, alpha=0.7,
-                         label=f"{label}: skip Var(x_i)" if k == 0 else None)
-                top.plot(i, r["branch_variance"], color=colour, lw=0.8, ls="--", alpha=0.7,
-                         label=f"{label}: branch" if k == 0 else None)
+                top.plot(
+                    i,
+                    r["skip_variance"],
+                    color=colour,
+                    lw=1.2,
+                    alpha=0.7,
+                    label=f"{label}: skip Var(x_i)" if k == 0 else None,
+                )
+                top.plot(
+                    i,
+                    r["branch_variance"],
+                    color=colour,
+                    lw=0.8,
+                    ls="--",
+                    alpha=0.7,
+                    label=f"{label}: branch" if k == 0 else None,
+                )
                 if v == "batchnorm":
-                    bottom.plot(i, r["skip_variance"], color=colour, lw=1.2, alpha=0.7,
-                                label="BN: skip Var(x_i)" if k == 0 else None)
-                    bottom.plot(i, r["branch_variance"], color=colour, ls="--", lw=0.8, alpha=0.7,
-                                label="BN: branch" if k == 0 else None)
+                    bottom.plot(
+                        i,
+                        r["skip_variance"],
+                        color=colour,
+                        lw=1.2,
+                        alpha=0.7,
+                        label="BN: skip Var(x_i)" if k == 0 else None,
+                    )
+                    bottom.plot(
+                        i,
+                        r["branch_variance"],
+                        color=colour,
+                        ls="--",
+                        lw=0.8,
+                        alpha=0.7,
+                        label="BN: branch" if k == 0 else None,
+                    )
                     if k == 0:
-                        bottom.plot(i, r["fit_slope"] * i + r["fit_intercept"], color="k", lw=0.8, ls=":",
-                                    label=f"fit c·i + b, c = {r['fit_slope']:.2f} (seed 0)")
+                        bottom.plot(
+                            i,
+                            r["fit_slope"] * i + r["fit_intercept"],
+                            color="k",
+                            lw=0.8,
+                            ls=":",
+                            label=f"fit c·i + b, c = {r['fit_slope']:.2f} (seed 0)",
+                        )
         if d:
             i = np.arange(1, d + 1)
-            top.plot(i, 2.0 ** i, color="grey", lw=0.8, ls=":", label="2^i")
+            top.plot(i, 2.0**i, color="grey", lw=0.8, ls=":", label="2^i")
             top.plot(i, i, color="k", lw=0.8, ls=":", label="i")
             bottom.plot(i, i, color="grey", lw=0.8, ls="-.", label="i (c = 1)")
         name = "deep linear ResNet" if act == "identity" else ("ReLU ResNet" if act == "relu" else f"{act} ResNet")
@@ -269,8 +330,9 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: ResidualVarianceConfig
         bottom.set(xlabel="block i", ylabel="average channel variance (linear scale)", title=f"{name}: BN only")
         top.legend(fontsize=7, ncol=2)
         bottom.legend(fontsize=7)
-    fig.suptitle("C9 skip-path and branch variance per residual block at initialisation (BN in train mode)",
-                 fontsize=10)
+    fig.suptitle(
+        "C9 skip-path and branch variance per residual block at initialisation (BN in train mode)", fontsize=10
+    )
     fig.tight_layout()
     return [save_figure(fig, out_dir, "residual-variance")]
 
@@ -284,8 +346,9 @@ EXPERIMENT = register_experiment(
         scales={
             "smoke": ResidualVarianceConfig(seeds=2, depth=8, width=4, batch_size=32),
             "quick": ResidualVarianceConfig(),
-            "full": ResidualVarianceConfig(seeds=5, dataset="cifar10", data_dir="data/cifar10", depth=500, width=16,
-                                           batch_size=128),
+            "full": ResidualVarianceConfig(
+                seeds=5, dataset="cifar10", data_dir="data/cifar10", depth=500, width=16, batch_size=128
+            ),
         },
         grid=_grid,
         run_one=_run_one,

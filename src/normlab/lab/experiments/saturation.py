@@ -190,11 +190,19 @@ def _analyse(rows: list[dict[str, Any]], cfg: SaturationConfig) -> Verdict:
         sat = {n: _by(rows, act, n, saturated_mean) for n in (norm_bn, norm_none)}
         spr = {n: _by(rows, act, n, grad_spread) for n in (norm_bn, norm_none)}
         parts[f"{act} saturated"] = compare(
-            sat[norm_none], sat[norm_bn], "greater", name_a=norm_none, name_b=norm_bn,
+            sat[norm_none],
+            sat[norm_bn],
+            "greater",
+            name_a=norm_none,
+            name_b=norm_bn,
             metric=f"{act} saturated fraction",
         )
         parts[f"{act} grad spread"] = compare(
-            spr[norm_bn], spr[norm_none], "less", name_a=norm_bn, name_b=norm_none,
+            spr[norm_bn],
+            spr[norm_none],
+            "less",
+            name_a=norm_bn,
+            name_b=norm_none,
             metric=f"{act} grad spread (decades)",
         )
         acc = {n: _by(rows, act, n, lambda r: float(r["final_test_acc"])) for n in (norm_bn, norm_none)}
@@ -232,14 +240,32 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: SaturationConfig) -> l
             colour = f"C{j}"
             for k, r in enumerate(rs):
                 steps = r["probe_steps"]
-                ax_sat.plot(steps, [np.mean(p) for p in r["saturated"]], color=colour, marker=".", alpha=0.7,
-                            label=norm if k == 0 else None)
+                ax_sat.plot(
+                    steps,
+                    [np.mean(p) for p in r["saturated"]],
+                    color=colour,
+                    marker=".",
+                    alpha=0.7,
+                    label=norm if k == 0 else None,
+                )
                 g = np.array(r["grad_norm"], dtype=float)  # (checkpoints, layers)
                 if g.size:
-                    ax_time.plot(steps, g[:, 0], color=colour, ls="-", alpha=0.7,
-                                 label=f"{norm}: first layer" if k == 0 else None)
-                    ax_time.plot(steps, g[:, -2] if g.shape[1] > 1 else g[:, -1], color=colour, ls="--", alpha=0.7,
-                                 label=f"{norm}: last hidden layer" if k == 0 else None)
+                    ax_time.plot(
+                        steps,
+                        g[:, 0],
+                        color=colour,
+                        ls="-",
+                        alpha=0.7,
+                        label=f"{norm}: first layer" if k == 0 else None,
+                    )
+                    ax_time.plot(
+                        steps,
+                        g[:, -2] if g.shape[1] > 1 else g[:, -1],
+                        color=colour,
+                        ls="--",
+                        alpha=0.7,
+                        label=f"{norm}: last hidden layer" if k == 0 else None,
+                    )
             # per-layer gradient norm at the last probe point, mean over seeds
             last = np.array([r["grad_norm"][-1] for r in rs if r["grad_norm"]], dtype=float)
             if last.size:
@@ -249,18 +275,23 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: SaturationConfig) -> l
                 ax_layer.errorbar(layers, 10 ** lg.mean(0), yerr=None, color=colour, marker="o", label=f"{norm} (end)")
                 first = np.array([r["grad_norm"][0] for r in rs if r["grad_norm"]], dtype=float)
                 geo_first = 10 ** np.log10(np.maximum(first, 1e-30)).mean(0)
-                ax_layer.plot(layers, geo_first, color=colour, ls=":", marker="x",
-                              label=f"{norm} (step 1)")
+                ax_layer.plot(layers, geo_first, color=colour, ls=":", marker="x", label=f"{norm} (step 1)")
         ax_sat.set(xlabel="optimizer step", ylabel="saturated fraction (all layers)", title=f"{act}: saturated units")
-        ax_time.set(xlabel="optimizer step", ylabel="|grad| of layer (L2)", yscale="log",
-                    title=f"{act}: gradient norms in time")
-        ax_layer.set(xlabel="Linear layer (1 = first, last = classifier)",
-                     ylabel="|grad| (L2, geometric mean over seeds)",
-                     yscale="log", title=f"{act}: gradient norm per layer")
+        ax_time.set(
+            xlabel="optimizer step", ylabel="|grad| of layer (L2)", yscale="log", title=f"{act}: gradient norms in time"
+        )
+        ax_layer.set(
+            xlabel="Linear layer (1 = first, last = classifier)",
+            ylabel="|grad| (L2, geometric mean over seeds)",
+            yscale="log",
+            title=f"{act}: gradient norm per layer",
+        )
         for ax in (ax_sat, ax_time, ax_layer):
             ax.legend(fontsize=7)
-    fig.suptitle(f"C14 saturation: {cfg.depth}-hidden-layer MLPs on {cfg.dataset}, with and without BN "
-                 f"(saturated: φ'(z)/φ'(0) < {cfg.threshold:g})")
+    fig.suptitle(
+        f"C14 saturation: {cfg.depth}-hidden-layer MLPs on {cfg.dataset}, with and without BN "
+        f"(saturated: φ'(z)/φ'(0) < {cfg.threshold:g})"
+    )
     fig.tight_layout()
     return [save_figure(fig, out_dir, "saturation")]
 

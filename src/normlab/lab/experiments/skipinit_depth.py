@@ -279,8 +279,9 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: SkipInitDepthConfig) -
                 label=VARIANTS[variant][1],
             )
         ax.axhline(chance, color="grey", lw=0.8, ls=":", label="chance")
-        ax.set(xscale="log", xlabel="depth (residual blocks)", ylabel="accuracy (fraction)", title=title,
-               ylim=(0, 1.02))
+        ax.set(
+            xscale="log", xlabel="depth (residual blocks)", ylabel="accuracy (fraction)", title=title, ylim=(0, 1.02)
+        )
         ds_all = sorted({r["depth"] for r in rows})
         ax.set_xticks(ds_all, [str(d) for d in ds_all])
         ax.minorticks_off()
@@ -294,8 +295,14 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: SkipInitDepthConfig) -
             loss = np.array([v if math.isfinite(v) else np.nan for v in r["step_loss"]], dtype=float)
             w = max(1, min(10, len(loss) // 10))  # running mean over w steps, for readability
             smooth = np.convolve(loss, np.ones(w) / w, mode="valid") if len(loss) >= w else loss
-            ax.plot(np.arange(len(smooth)) + w - 1, smooth, color=f"C{i}", lw=0.8, alpha=0.7,
-                    label=VARIANTS[variant][1] if j == 0 else None)
+            ax.plot(
+                np.arange(len(smooth)) + w - 1,
+                smooth,
+                color=f"C{i}",
+                lw=0.8,
+                alpha=0.7,
+                label=VARIANTS[variant][1] if j == 0 else None,
+            )
             if r.get("diverged") and r.get("diverged_step") is not None:
                 at = r["step_loss"][r["diverged_step"]] if r["diverged_step"] < len(r["step_loss"]) else math.inf
                 y = min(at, 999.0) if math.isfinite(at) else 999.0

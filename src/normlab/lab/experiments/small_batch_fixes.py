@@ -53,6 +53,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from normlab.lab.experiments.batch_size import (
+    PRECISE,
+    BatchSizeConfig,
+    _check_batches,
+    by_seed,
+    grid_points,
+    plot_vs_batch,
+    run_point,
+)
 from normlab.lab.experiments.framework import (
     Experiment,
     Run,
@@ -62,15 +71,6 @@ from normlab.lab.experiments.framework import (
     fmt_mean_std,
     mean_std,
     register_experiment,
-)
-from normlab.lab.experiments.batch_size import (
-    PRECISE,
-    BatchSizeConfig,
-    _check_batches,
-    by_seed,
-    grid_points,
-    plot_vs_batch,
-    run_point,
 )
 from normlab.lab.train import ConfigError
 

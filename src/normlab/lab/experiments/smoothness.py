@@ -173,18 +173,35 @@ def _run_one(run: Run) -> dict[str, Any]:
     batch = _probe_batch(run)
     want = set(run["probe_steps"])
     mode = run["hessian_mode"]
-    rec: dict[str, list] = {k: [] for k in (
-        "probe_step", "loss0", "grad_norm", "loss_range", "beta_eff", "lambda_max", "lambda_converged",
-        "beta", "grad_change", "loss_eta",
-    )}
+    rec: dict[str, list] = {
+        k: []
+        for k in (
+            "probe_step",
+            "loss0",
+            "grad_norm",
+            "loss_range",
+            "beta_eff",
+            "lambda_max",
+            "lambda_converged",
+            "beta",
+            "grad_change",
+            "loss_eta",
+        )
+    }
 
     def probe(state) -> None:
         if state.event != "step" or state.step not in want:
             return
         gl = gradient_landscape(state.model, F.cross_entropy, batch, mode=mode, etas=run["etas"])
         he = hessian_eigenvalues(
-            state.model, F.cross_entropy, batch, mode=mode, k=1,
-            max_iter=run["hessian_iters"], tol=run["hessian_tol"], seed=run.seed,
+            state.model,
+            F.cross_entropy,
+            batch,
+            mode=mode,
+            k=1,
+            max_iter=run["hessian_iters"],
+            tol=run["hessian_tol"],
+            seed=run.seed,
         )
         rec["probe_step"].append(state.step)
         rec["loss0"].append(gl.loss0)
@@ -268,6 +285,7 @@ def _analyse(rows: list[dict[str, Any]], cfg: SmoothnessConfig) -> Verdict:
             f"[{parts[(d, 'beta_eff')].status}], lambda_max {a} {side(d, a, 'lambda_max')} vs {b} "
             f"{side(d, b, 'lambda_max')} [{parts[(d, 'lambda_max')].status}]"
         )
+
     def at_step(d, norm, metric, which):  # geometric mean over seeds at the first (0) or last (-1) probe step
         xs = [abs(r[metric][which]) for r in rows if r["depth"] == d and r["norm"] == norm and r.get(metric)]
         xs = [x for x in xs if math.isfinite(x) and x > 0]
@@ -275,11 +293,16 @@ def _analyse(rows: list[dict[str, Any]], cfg: SmoothnessConfig) -> Verdict:
 
     per_step = {
         f"depth {d} {m} {n} step {'first' if w == 0 else 'last'}": at_step(d, n, m, w)
-        for d in depths for m in ("beta_eff", "lambda_max") for n in (a, b) for w in (0, -1)
+        for d in depths
+        for m in ("beta_eff", "lambda_max")
+        for n in (a, b)
+        for w in (0, -1)
     }
     ends = ", ".join(
         f"{m} {a}/{b} {per_step[f'depth {deep} {m} {a} step {w}']:.3g}/{per_step[f'depth {deep} {m} {b} step {w}']:.3g}"
-        f" at the {w} probe" for m in ("beta_eff", "lambda_max") for w in ("first", "last")
+        f" at the {w} probe"
+        for m in ("beta_eff", "lambda_max")
+        for w in ("first", "last")
     )
     bits.append(f"depth {deep} over time (geo. mean of seeds): {ends}")
     summary = "geometric mean over probe steps, mean ± std over seeds (the verdict compares log10): " + "; ".join(bits)
@@ -305,8 +328,9 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: SmoothnessConfig) -> l
         ("lambda_max", "top Hessian eigenvalue λ_max"),
         ("loss_range", "loss range along −g (nats)"),
     ]
-    fig, axes = plt.subplots(len(quantities), len(depths), figsize=(4.6 * len(depths), 3.0 * len(quantities)),
-                             squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        len(quantities), len(depths), figsize=(4.6 * len(depths), 3.0 * len(quantities)), squeeze=False, sharex=True
+    )
     for j, d in enumerate(depths):
         for i, (q, label) in enumerate(quantities):
             ax = axes[i][j]
@@ -315,14 +339,23 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: SmoothnessConfig) -> l
                 curves = []
                 for k, r in enumerate(rs):
                     steps = r.get("probe_step", [])
-                    ys = np.array([v if (v is not None and math.isfinite(v) and v > 0) else np.nan
-                                   for v in r.get(q, [])], dtype=float)
+                    ys = np.array(
+                        [v if (v is not None and math.isfinite(v) and v > 0) else np.nan for v in r.get(q, [])],
+                        dtype=float,
+                    )
                     ax.plot(steps, ys, color=f"C{c}", lw=0.7, alpha=0.35, marker=".", ms=3)
                     curves.append(dict(zip(steps, np.log10(ys))))
                 grid = sorted({s for cv in curves for s in cv})
                 mean = [np.nanmean([cv.get(s, np.nan) for cv in curves]) for s in grid]
-                ax.plot(grid, 10 ** np.array(mean), color=f"C{c}", lw=2, marker="o", ms=4,
-                        label=f"{norm} (geo. mean of {len(rs)} seeds)")
+                ax.plot(
+                    grid,
+                    10 ** np.array(mean),
+                    color=f"C{c}",
+                    lw=2,
+                    marker="o",
+                    ms=4,
+                    label=f"{norm} (geo. mean of {len(rs)} seeds)",
+                )
             ax.set_yscale("log")
             ax.set_xscale("log")
             if i == 0:
@@ -335,7 +368,8 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: SmoothnessConfig) -> l
     axes[0][0].legend(fontsize=8)
     fig.suptitle(
         f"C4 smoothness along the gradient, probed during training ({cfg.dataset}, lr {cfg.lr:g}, "
-        f"η ∈ [{min(cfg.etas):g}, {max(cfg.etas):g}], probes in train mode)", fontsize=10
+        f"η ∈ [{min(cfg.etas):g}, {max(cfg.etas):g}], probes in train mode)",
+        fontsize=10,
     )
     fig.tight_layout()
     return [save_figure(fig, out_dir, "smoothness")]
@@ -349,15 +383,30 @@ EXPERIMENT = register_experiment(
         config=SmoothnessConfig,
         scales={
             "smoke": SmoothnessConfig(
-                seeds=2, depths=(1, 3), width=16, steps=12, probe_steps=(1, 12), probe_batch=64,
-                etas=(0.02, 0.2), hessian_iters=8,
+                seeds=2,
+                depths=(1, 3),
+                width=16,
+                steps=12,
+                probe_steps=(1, 12),
+                probe_batch=64,
+                etas=(0.02, 0.2),
+                hessian_iters=8,
             ),
             "quick": SmoothnessConfig(),
             "full": SmoothnessConfig(
-                seeds=5, dataset="cifar10", data_dir="data/cifar10", model="cnn", depths=(3, 5), width=64, lr=0.1,
+                seeds=5,
+                dataset="cifar10",
+                data_dir="data/cifar10",
+                model="cnn",
+                depths=(3, 5),
+                width=64,
+                lr=0.1,
                 batch_size=128,
-                steps=15000, probe_steps=(1, 100, 1000, 3000, 6000, 10000, 15000), probe_batch=512,
-                etas=(0.05, 0.1, 0.2, 0.4), hessian_iters=100,
+                steps=15000,
+                probe_steps=(1, 100, 1000, 3000, 6000, 10000, 15000),
+                probe_batch=512,
+                etas=(0.05, 0.1, 0.2, 0.4),
+                hessian_iters=100,
             ),
         },
         grid=_grid,

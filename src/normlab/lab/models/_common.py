@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from normlab.registry import NormSpec, make_norm
+from normlab.registry import NormSpec, Registry, make_norm
 
 __all__ = [
     "register_model",
@@ -35,7 +35,7 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 NORM_POSITIONS = ("pre_act", "post_act", "before_linear")
 DROPOUT_POSITIONS = ("after_act", "before_norm")
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 _COMMON = ("in_shape", "num_classes", "norm_layer")
 
 
@@ -69,20 +69,12 @@ def takes_mask(module: nn.Module) -> bool:
 
 def register_model(name: str):
     """Register a model class or factory ``f(*, in_shape, num_classes, norm_layer, **options)`` (a decorator)."""
-
-    def add(factory):
-        key = name.lower()
-        if key in _MODELS:
-            raise KeyError(f"a model named {name!r} is already registered")
-        _MODELS[key] = factory
-        return factory
-
-    return add
+    return MODELS.register(name)
 
 
 def model_names() -> list[str]:
     """The registered model names, sorted."""
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def _options(factory) -> list[str]:
@@ -107,10 +99,8 @@ def build_model(
     normalisation. ``**kw`` are the model's own options (an unknown one raises
     and lists the valid ones). The model is moved to ``device``/``dtype`` if given.
     """
-    key = str(name).lower()
-    if key not in _MODELS:
-        raise KeyError(f"unknown model {name!r}; known models: {', '.join(model_names())}")
-    factory = _MODELS[key]
+    key = MODELS.canonical(name)
+    factory = MODELS.get(key)
     options = _options(factory)
     bad = sorted(set(kw) - set(options))
     if bad:

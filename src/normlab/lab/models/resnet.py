@@ -9,7 +9,6 @@ from functools import partial
 from torch import Tensor, nn
 
 from normlab.lab.models._common import build_norm, check_choice, conv_ops, make_activation, register_model
-from normlab.registry import NormSpec
 from normlab.normfree import (
     ResidualBlock,
     ScalarBias,
@@ -20,6 +19,7 @@ from normlab.normfree import (
     fixup_init_,
     nonlinearity_gamma,
 )
+from normlab.registry import NormSpec
 
 __all__ = ["PreActResNet", "wrn_depth_to_blocks"]
 
@@ -131,9 +131,17 @@ class PreActResNet(nn.Module):
             conv1 = conv_act(c_in, c_out, 3, stride=stride, padding=1, bias=conv_bias)
             conv2 = conv_act(c_out, c_out, 3, padding=1, bias=conv_bias)
             if fixup:
-                layers = [("act1", make_activation(activation)), ("bias1a", ScalarBias()), ("conv1", conv1),
-                          ("bias1b", ScalarBias()), ("act2", make_activation(activation)), ("bias2a", ScalarBias()),
-                          ("conv2", conv2), ("scale", ScalarScale()), ("bias2b", ScalarBias())]
+                layers = [
+                    ("act1", make_activation(activation)),
+                    ("bias1a", ScalarBias()),
+                    ("conv1", conv1),
+                    ("bias1b", ScalarBias()),
+                    ("act2", make_activation(activation)),
+                    ("bias2a", ScalarBias()),
+                    ("conv2", conv2),
+                    ("scale", ScalarScale()),
+                    ("bias2b", ScalarBias()),
+                ]
             else:
                 first, second = pre(c_in), pre(c_out)
                 layers = [(f"{k}1", m) for k, m in first] + [("conv1", conv1)]

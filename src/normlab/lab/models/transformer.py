@@ -39,8 +39,16 @@ class SelfAttention(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``; norms get ``mask`` if they take one."""
 
-    def __init__(self, d_model: int, heads: int, mlp_ratio: float, norm_layer: NormSpec, activation: str,
-                 dropout: float, mask_norm_stats: bool) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        heads: int,
+        mlp_ratio: float,
+        norm_layer: NormSpec,
+        activation: str,
+        dropout: float,
+        mask_norm_stats: bool,
+    ) -> None:
         super().__init__()
         self.norm1 = build_norm(norm_layer, d_model, -1)
         self.attn = SelfAttention(d_model, heads)

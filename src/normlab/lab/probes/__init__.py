@@ -30,7 +30,6 @@ probe                                   measures                                
 registered as ``"noisybatchnorm"``) and is re-exported here.
 """
 
-from normlab.layers.noisy import NoisyBatchNorm
 from normlab.lab.probes.activations import (
     BlockStats,
     ChannelStats,
@@ -63,8 +62,8 @@ from normlab.lab.probes.landscape import (
 )
 from normlab.lab.probes.paths import (
     PathSimulation,
-    branch_shares,
     bn_path_distribution,
+    branch_shares,
     brute_force_path_distribution,
     cumulative_share,
     mean_path_length,
@@ -74,6 +73,7 @@ from normlab.lab.probes.paths import (
     variance_recursion,
 )
 from normlab.lab.probes.saturation import SaturationStats, gradient_norms, relative_derivative, saturation
+from normlab.layers.noisy import NoisyBatchNorm
 
 __all__ = [
     # hessian

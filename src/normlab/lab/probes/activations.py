@@ -61,8 +61,9 @@ every spatial or sequence position (padded positions included).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -237,8 +238,15 @@ def minimize_shift_objective(
         d = d0.clone().requires_grad_(True)
         for eps in (1e-1, 1e-3, 1e-5, 1e-7):
             e2 = (eps * scale) ** 2
-            opt = torch.optim.LBFGS([d], lr=1, max_iter=max_iter, tolerance_grad=1e-14, tolerance_change=1e-16,
-                                    history_size=20, line_search_fn="strong_wolfe")
+            opt = torch.optim.LBFGS(
+                [d],
+                lr=1,
+                max_iter=max_iter,
+                tolerance_grad=1e-14,
+                tolerance_change=1e-16,
+                history_size=20,
+                line_search_fn="strong_wolfe",
+            )
 
             def closure():
                 opt.zero_grad()

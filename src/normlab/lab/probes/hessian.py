@@ -25,8 +25,8 @@ seeded generator, and leave the model exactly as found (see
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
 
 import torch
 from torch import Tensor, nn

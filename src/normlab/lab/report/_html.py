@@ -25,7 +25,12 @@ __all__ = ["render_html", "CSS", "SCRIPT", "CSP"]
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
 STATUS_ORDER = {"holds": 0, "does not hold": 1, "inconclusive": 2, NOT_RUN: 3}
-STATUS_CLASS = {"holds": "st-holds", "does not hold": "st-fails", "inconclusive": "st-inconclusive", NOT_RUN: "st-notrun"}
+STATUS_CLASS = {
+    "holds": "st-holds",
+    "does not hold": "st-fails",
+    "inconclusive": "st-inconclusive",
+    NOT_RUN: "st-notrun",
+}
 
 CSS = """
 :root { --fg:#1d2330; --muted:#5b6473; --line:#d9dde3; --bg:#ffffff; --soft:#f5f7fa; --accent:#2856a3;
@@ -280,7 +285,11 @@ def _figure(f: Figure, base: Path, entry: Entry) -> str:
 
 
 def _kv(rows: list[tuple[str, str]]) -> str:
-    return '<table class="kv"><tbody>' + "".join(f"<tr><td>{_e(k)}</td><td>{v}</td></tr>" for k, v in rows) + "</tbody></table>"
+    return (
+        '<table class="kv"><tbody>'
+        + "".join(f"<tr><td>{_e(k)}</td><td>{v}</td></tr>" for k, v in rows)
+        + "</tbody></table>"
+    )
 
 
 def _config(e: Entry) -> str:
@@ -296,7 +305,10 @@ def _config(e: Entry) -> str:
 def _environment(e: Entry) -> str:
     if not e.env:
         return "<p>No stored environment (no runs).</p>"
-    rows = [(k, "<br>".join(_e(v) for v in vals) + (" <em>(differs across runs)</em>" if len(vals) > 1 else "")) for k, vals in e.env.items()]
+    rows = [
+        (k, "<br>".join(_e(v) for v in vals) + (" <em>(differs across runs)</em>" if len(vals) > 1 else ""))
+        for k, vals in e.env.items()
+    ]
     if e.env_time:
         a, b = e.env_time
         rows.append(("run time (UTC)", _e(a if a == b else f"{a} … {b}")))
@@ -318,7 +330,11 @@ def _runs(e: Entry, base: Path) -> str:
             files = " ".join(f'<a href="{_href(p, base)}">{_e(p.stem)}</a>' for p in r.files)
             if not r.complete:
                 files += ' <span class="missing">(incomplete)</span>'
-        run = f'<a href="{_href(r.path, base)}/" class="mono">{_e(r.run_id)}</a>' if r.exists else f'<span class="mono">{_e(r.run_id)}</span>'
+        run = (
+            f'<a href="{_href(r.path, base)}/" class="mono">{_e(r.run_id)}</a>'
+            if r.exists
+            else f'<span class="mono">{_e(r.run_id)}</span>'
+        )
         body.append(
             f"<tr><td>{run}</td><td>{_e(r.seed)}</td>"
             + "".join(f"<td>{_value(r.params.get(c))}</td>" for c in cols)
@@ -349,9 +365,7 @@ def _key_numbers(e: Entry) -> str:
     nums = e.key_numbers
     if not nums:
         return "<p>The verdict stores no mean ± std numbers; see the summary.</p>" if e.verdict is not None else ""
-    body = "".join(
-        f"<tr><td>{_e(k.label)}</td><td>{_e(k.metric or '')}</td><td>{_num(k)}</td></tr>" for k in nums
-    )
+    body = "".join(f"<tr><td>{_e(k.label)}</td><td>{_e(k.metric or '')}</td><td>{_num(k)}</td></tr>" for k in nums)
     return f'<table class="kv"><thead><tr><th>what</th><th>metric</th><th>mean ± std (n seeds)</th></tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -359,7 +373,12 @@ def _section(e: Entry, base: Path) -> str:
     facts = [
         ("verdict", _badge(e.status)),
         ("scale", _scale(e)),
-        ("runs stored", _e(f"{e.stored_complete} complete" + (f", {e.stored_incomplete} incomplete" if e.stored_incomplete else ""))),
+        (
+            "runs stored",
+            _e(
+                f"{e.stored_complete} complete" + (f", {e.stored_incomplete} incomplete" if e.stored_incomplete else "")
+            ),
+        ),
         ("reproduce", _cmd(e.command)),
     ]
     if not e.registered:
@@ -381,7 +400,9 @@ def _section(e: Entry, base: Path) -> str:
             parts.append("<p>No figure stored with this verdict.</p>")
         parts.append(f'<h3 id="{e.anchor}-numbers">Key numbers</h3>' + _key_numbers(e))
     parts.append("<h3>Source paper vs this run</h3>" + _paper(e))
-    parts.append("<h3>What was measured</h3>" + (_doc_html(e.description) or f"<p>{_e(e.title) or 'No description stored.'}</p>"))
+    parts.append(
+        "<h3>What was measured</h3>" + (_doc_html(e.description) or f"<p>{_e(e.title) or 'No description stored.'}</p>")
+    )
     if e.verdict is not None or e.env:
         parts.append(
             '<div class="two"><div><h3>Config</h3>' + _config(e) + "</div>"
@@ -418,7 +439,9 @@ def _audit(data: ReportData, base: Path) -> str:
     for path, result in data.audit:
         findings = result.get("findings") if isinstance(result, dict) else result if isinstance(result, list) else None
         title = result.get("model") if isinstance(result, dict) and result.get("model") else path.stem
-        out.append(f'<h3>{_e(title)} <span class="title">(<a href="{_href(path, base)}">{_e(path.name)}</a>)</span></h3>')
+        out.append(
+            f'<h3>{_e(title)} <span class="title">(<a href="{_href(path, base)}">{_e(path.name)}</a>)</span></h3>'
+        )
         if isinstance(result, dict) and "expect" in result:
             counts = result.get("summary") if isinstance(result.get("summary"), dict) else {}
             tally = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no findings"
@@ -441,7 +464,9 @@ def _audit(data: ReportData, base: Path) -> str:
                         + "".join(f"<td>{_e(c)}</td>" for c in cells[1:])
                         + "</tr>"
                     )
-                out.append(f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>')
+                out.append(
+                    f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+                )
             notes = result.get("notes") if isinstance(result, dict) else None
             if notes:
                 out.append("<ul>" + "".join(f"<li>note: {_e(n)}</li>" for n in notes) + "</ul>")
@@ -478,12 +503,12 @@ def render_html(data: ReportData, base: Path) -> str:
     store_link = f'<a href="{_href(data.root, base)}/">{_e(data.root)}</a>'
     return "".join(
         [
-            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
+            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">',
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
             '<meta name="generator" content="normlab report">',
             "<title>normlab report: claims, verdicts, figures</title>",
-            f"<style>{CSS}</style></head><body><div class=\"page\">",
+            f'<style>{CSS}</style></head><body><div class="page">',
             "<header><h1>normlab report: claims, verdicts, figures</h1>",
             '<p class="lede">Each claim about normalization is a registered experiment that trained or probed real '
             "models, stored every run, drew its figure and stated a verdict — <strong>holds</strong>, "

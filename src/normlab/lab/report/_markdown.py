@@ -65,7 +65,11 @@ def render_markdown(data: ReportData, base: Path, html_name: str = "report.html"
     if data.audit:
         lines += ["", "## Audit", ""]
         for path, result in data.audit:
-            n = len(result.get("findings", [])) if isinstance(result, dict) and isinstance(result.get("findings"), list) else None
+            n = (
+                len(result.get("findings", []))
+                if isinstance(result, dict) and isinstance(result.get("findings"), list)
+                else None
+            )
             lines.append(f"- [{path.name}]({_href(path, base)})" + (f": {n} finding(s)" if n is not None else ""))
     if data.other:
         lines += ["", "## Other stored runs", ""]

@@ -36,12 +36,13 @@ import os
 import re
 import struct
 import sys
-import tempfile
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
+from normlab._io import atomic_write
 from normlab.lab.store import CONFIG, ENV, METRICS, RESULT, RunStore, flatten, read_json
 
 __all__ = [
@@ -68,7 +69,9 @@ _ENV_KEYS = (
 )  # fmt: skip
 _PAPER_LINE = re.compile(r"^\s*(?:Paper number|Source paper|Paper|In the paper)\s*:\s*(.*)$")
 # "Expected (De & Smith 2020, Fig. 4): ..." -- a citation in parentheses, then the paper's result
-_EXPECTED = re.compile(r"\bExpected\s*\(([^()]*(?:\d{4}|et al|paper|source)[^()]*)\)\s*:\s*(.+?)(?=\s(?:Command|Runtime)\b|$)")
+_EXPECTED = re.compile(
+    r"\bExpected\s*\(([^()]*(?:\d{4}|et al|paper|source)[^()]*)\)\s*:\s*(.+?)(?=\s(?:Command|Runtime)\b|$)"
+)
 
 
 class ReportError(Exception):
@@ -210,7 +213,9 @@ class ReportData:
     root: Path
     generated: str
     entries: list[Entry]
-    other: list[tuple[str, int, int]]  # stored experiment folders without a verdict or registration: (name, complete, incomplete)
+    other: list[
+        tuple[str, int, int]
+    ]  # stored experiment folders without a verdict or registration: (name, complete, incomplete)
     audit: list[tuple[Path, Any]] | None  # stored audit results (path, parsed JSON), None when normlab.audit is absent
     registry_problem: str | None = None
     normlab_version: str | None = None
@@ -330,7 +335,9 @@ def _paper_from_text(text: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-def paper_number(experiment: Any = None, verdict: Mapping[str, Any] | None = None, description: str = "") -> tuple[str | None, str | None]:
+def paper_number(
+    experiment: Any = None, verdict: Mapping[str, Any] | None = None, description: str = ""
+) -> tuple[str | None, str | None]:
     """The source paper's number for a claim and where it was found (see the module docstring), or ``(None, None)``."""
     numbers = (verdict or {}).get("numbers") if verdict else None
     if isinstance(numbers, Mapping) and numbers.get("paper") is not None:
@@ -573,25 +580,6 @@ def collect(root: str | os.PathLike = "runs", *, experiments: Sequence[str] | No
 # --------------------------------------------------------------------------- writing
 
 
-def _write_text_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    os.chmod(path, 0o644)
-    return path
-
-
 def build_report(
     root: str | os.PathLike = "runs",
     out: str | os.PathLike | None = None,
@@ -615,8 +603,8 @@ def build_report(
         out = out / "report.html"
     if out.suffix.lower() not in (".html", ".htm"):
         raise ReportError(f"--out {str(out)!r} must end in .html (the Markdown summary is written next to it)")
-    html_path = _write_text_atomic(out, render_html(data, out.parent))
-    _write_text_atomic(out.with_suffix(".md"), render_markdown(data, out.parent, html_path.name))
+    html_path = atomic_write(out, render_html(data, out.parent))
+    atomic_write(out.with_suffix(".md"), render_markdown(data, out.parent, html_path.name))
     return html_path
 
 
@@ -632,7 +620,9 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--root", default="runs", help="run store folder (default: runs)")
     p.add_argument("--out", default=None, help="HTML file to write (default: <root>/report.html)")
-    p.add_argument("--only", nargs="+", default=None, metavar="NAME", help="only these experiments (names or claim ids)")
+    p.add_argument(
+        "--only", nargs="+", default=None, metavar="NAME", help="only these experiments (names or claim ids)"
+    )
     try:
         args = p.parse_args(list(argv) if argv is not None else None)
     except SystemExit as exc:  # --help (0) or a usage error (2, already printed by argparse)
@@ -647,4 +637,3 @@ def report_main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(path)
     return 0
-
