@@ -129,13 +129,13 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--tuned-malloc",
         action="store_true",
-        help="first tell glibc to keep freed blocks (normlab.lab.train.tune_allocator), as normlab's training loop does: "
+        help="first tell glibc to keep freed blocks (normlab.lab.runtime.tune_allocator), as normlab's training loop does: "
         "fresh outputs then cost no page faults, for both implementations, and the kernels' own speed shows",
     )
     args = ap.parse_args(argv)
     allocator = "default glibc allocator"
     if args.tuned_malloc:
-        from normlab.lab.train import tune_allocator
+        from normlab.lab.runtime import tune_allocator
 
         if not tune_allocator():
             raise SystemExit("--tuned-malloc: could not tune the allocator on this platform (glibc only)")

@@ -11,7 +11,7 @@ into another's), in this order:
                   batch_size, shuffle=True, drop_last=True)``, ``zero_grad()``,
                   forward, ``backward``, ``step``, ``loss.item()`` every step;
                   the process's default glibc allocator;
-* ``torch+malloc`` the same loop after :func:`normlab.lab.train.tune_allocator`
+* ``torch+malloc`` the same loop after :func:`normlab.lab.runtime.tune_allocator`
                   (to show how much of the gap is the allocator alone);
 * ``normlab``     :func:`normlab.lab.train.train` (in-memory ``Batches``, losses
                   synced every 32 steps, tuned allocator), NCHW;
@@ -53,7 +53,7 @@ def _torch_loop(args, tune: bool) -> list[float]:
     from torch.utils.data import DataLoader, TensorDataset
 
     from normlab.lab.models import build_model
-    from normlab.lab.train import tune_allocator
+    from normlab.lab.runtime import tune_allocator
 
     if tune:
         assert tune_allocator(), "could not tune the allocator on this platform"
@@ -79,7 +79,8 @@ def _torch_loop(args, tune: bool) -> list[float]:
 
 
 def _normlab_loop(args, channels_last: bool) -> list[float]:
-    from normlab.lab.train import TrainConfig, train
+    from normlab.lab.config import TrainConfig
+    from normlab.lab.train import train
 
     cfg = TrainConfig(
         dataset="synthetic-images",

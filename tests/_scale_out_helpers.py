@@ -26,7 +26,8 @@ def _log(event: str, config: dict) -> None:
 def train_run(config: dict) -> dict:
     import time
 
-    from normlab.lab.train import TrainConfig, train
+    from normlab.lab.config import TrainConfig
+    from normlab.lab.train import train
 
     _log("start", config)
     if config.get("kill_once"):

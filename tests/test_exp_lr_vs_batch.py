@@ -7,10 +7,10 @@ import math
 
 import pytest
 
+from normlab.lab.config import ConfigError
 from normlab.lab.experiments import get_experiment, run_experiment
 from normlab.lab.experiments.framework import STATUSES
 from normlab.lab.experiments.lr_vs_batch import LRvsBatchConfig, best_lr_table, slopes
-from normlab.lab.train import ConfigError
 
 PNG = b"\x89PNG\r\n\x1a\n"
 LRS = [2.0**k for k in (-7, -5, -3, -1, 1)]

@@ -38,8 +38,9 @@ def test_smoke_path_end_to_end(tmp_path):
 
 def test_probing_inside_the_training_callback_changes_nothing():
     """Probes in the callback leave the trajectory exactly as without them (same losses, same weights)."""
+    from normlab.lab.config import TrainConfig
     from normlab.lab.probes import gradient_landscape, hessian_eigenvalues
-    from normlab.lab.train import TrainConfig, train
+    from normlab.lab.train import train
 
     cfg = TrainConfig(
         dataset="digits",

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from normlab.registry import RegistryError
-
+from normlab.lab.config import ConfigError
 from normlab.lab.experiments import framework as base
 from normlab.lab.experiments.framework import (
     Experiment,
@@ -24,7 +23,7 @@ from normlab.lab.experiments.framework import (
     run_experiment,
     threshold,
 )
-from normlab.lab.train import ConfigError
+from normlab.registry import RegistryError
 
 # --------------------------------------------------------------------------- verdict helpers
 
@@ -238,7 +237,7 @@ def test_example_experiment_is_registered_but_not_a_claim():
 
 
 def test_runs_made_by_other_source_code_are_flagged_not_silently_reused(toy, tmp_path):
-    from normlab.lab.store import source_hash
+    from normlab.lab.provenance import source_hash
 
     res = run_experiment("test-toy", scale="smoke", root=tmp_path, progress=False)
     assert json.loads(res.verdict_path.read_text())["stale_runs"] == 0
@@ -255,7 +254,8 @@ def test_runs_made_by_other_source_code_are_flagged_not_silently_reused(toy, tmp
 def test_run_passes_the_configs_data_dir_to_the_dataset_and_load_data_is_what_train_loads(tmp_path):
     from dataclasses import dataclass as dc
 
-    from normlab.lab.train import TrainConfig, load_data
+    from normlab.lab.config import TrainConfig
+    from normlab.lab.train import load_data
 
     @dc(frozen=True)
     class Cfg:

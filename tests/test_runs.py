@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from normlab.lab import store as runs
-from normlab.lab.store import RunStore, load_table, run_id, sweep, write_json_atomic
+from normlab.lab.executors import sweep
+from normlab.lab.provenance import environment
+from normlab.lab.store import RunStore, load_table, run_id, write_json_atomic
 
 GRID = [{"lr": lr, "norm": norm, "seed": s} for lr in (0.1, 1.0) for norm in ("bn", "none") for s in (0, 1)]
 
@@ -98,7 +100,7 @@ def test_environment_records_versions_device_seed_and_revision():
     import numpy
     import torch
 
-    env = runs.environment(device="cpu", seed=7, threads=1)
+    env = environment(device="cpu", seed=7, threads=1)
     assert env["torch"] == torch.__version__ and env["numpy"] == numpy.__version__
     assert env["device"] == "cpu" and env["seed"] == 7 and env["threads"] == 1
     assert {"python", "git_revision", "hostname", "time"} <= set(env)
@@ -182,7 +184,8 @@ _KILLED_SWEEP = textwrap.dedent(
         return real(path, obj)
 
     runs.write_json_atomic = slow_result
-    runs.sweep({root!r}, "exp", GRID, fake_run)
+    from normlab.lab.executors import sweep
+    sweep({root!r}, "exp", GRID, fake_run)
     """
 )
 

@@ -31,8 +31,10 @@ import torch
 import torch.multiprocessing as mp
 
 from normlab.lab.cli import main
-from normlab.lab.store import RunStore, claim_run, run_id, sweep
-from normlab.lab.train import TrainConfig, train
+from normlab.lab.config import TrainConfig
+from normlab.lab.executors import claim_run, sweep
+from normlab.lab.store import RunStore, run_id
+from normlab.lab.train import train
 
 # batch 63 over 2 processes: slices of 31 and 32 rows (uneven on purpose)
 DDP_CFG = TrainConfig(

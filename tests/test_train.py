@@ -12,7 +12,9 @@ from torch import nn
 import normlab
 import normlab.lab.data
 from normlab.lab import train as T
-from normlab.lab.train import ConfigError, TrainConfig, lr_at, parse_overrides, train
+from normlab.lab.config import ConfigError, TrainConfig, parse_overrides
+from normlab.lab.runtime import tune_allocator
+from normlab.lab.train import lr_at, train
 
 SMALL = TrainConfig(
     dataset="digits", model="mlp", model_kwargs={"width": 32, "depth": 2}, norm="batchnorm",
@@ -238,9 +240,9 @@ def test_unknown_names_are_checked_against_the_registries():
 
 def test_tune_allocator_opt_out(monkeypatch):
     monkeypatch.setenv("NORMLAB_TUNE_MALLOC", "0")
-    assert T.tune_allocator() is False
+    assert tune_allocator() is False
     monkeypatch.delenv("NORMLAB_TUNE_MALLOC")
     import sys
 
     if sys.platform.startswith("linux"):
-        assert T.tune_allocator() is True
+        assert tune_allocator() is True

@@ -6,7 +6,7 @@
     normlab run EXPERIMENT [--scale smoke|quick|full] [--seeds N] [--set key=value ...] [--device D] [--root runs]
                 [--executor sequential|local|ray] [--workers N] [--ray-address ADDR] [--nproc N]
     normlab show RUN_DIR_OR_ID                     a run (config, environment, results) or an experiment's verdict
-    normlab train --set key=value ... [--nproc N]  one training run (normlab.lab.train.TrainConfig), stored
+    normlab train --set key=value ... [--nproc N]  one training run (normlab.lab.config.TrainConfig), stored
     normlab demo                                   the headline experiments at quick scale, then the report
     normlab report [--root runs] [--out PATH]      the HTML report (and report.md) from the run store alone
     normlab audit PATH_OR_MODULE:FACTORY [...]      normalisation pitfalls in any model (see normlab audit --help)
@@ -14,7 +14,7 @@
 ``--nproc N`` trains each model with DistributedDataParallel in N local
 processes (what ``torchrun --standalone --nproc-per-node N -m normlab ...``
 does; see :mod:`normlab.lab.launch`); ``--executor local|ray`` runs the runs of a
-sweep in a process pool or on Ray (see :func:`normlab.lab.store.sweep`).
+sweep in a process pool or on Ray (see :func:`normlab.lab.executors.sweep`).
 
 Every command has ``--help``. A bad key, value or name exits with status 2
 and one line on stderr naming the valid choices (no traceback).
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "train",
         help="one training run from key=value settings, stored under <root>/<name>/",
-        description="Train once with normlab.lab.train.TrainConfig fields set by --set key=value; store the run.",
+        description="Train once with normlab.lab.config.TrainConfig fields set by --set key=value; store the run.",
     )
     s.add_argument(
         "--set",
@@ -347,8 +347,10 @@ def cmd_show(args) -> int:
 
 def cmd_train(args) -> int:
     from normlab.lab import launch
-    from normlab.lab.store import RunStore, environment
-    from normlab.lab.train import TrainConfig, parse_overrides, train
+    from normlab.lab.config import TrainConfig, parse_overrides
+    from normlab.lab.provenance import environment
+    from normlab.lab.store import RunStore
+    from normlab.lab.train import train
 
     cfg = parse_overrides(TrainConfig(), list(args.overrides))
     if args.device is not None:
@@ -433,7 +435,7 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: returns the exit status (0 ok, 2 for a usage error)."""
-    from normlab.lab.train import ConfigError
+    from normlab.lab.config import ConfigError
     from normlab.registry import RegistryError
 
     argv = list(sys.argv[1:] if argv is None else argv)

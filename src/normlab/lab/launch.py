@@ -212,7 +212,8 @@ def setup(device: str = "auto") -> DistContext | None:
     available, ``"cuda"``); an explicit ``"cuda:<i>"`` is refused (each
     process takes the GPU of its local rank). Other devices are used as given.
     """
-    from normlab.lab.train import ConfigError, resolve_device
+    from normlab.lab.config import ConfigError
+    from normlab.lab.runtime import resolve_device
 
     _init_group(device)
     if not _active():

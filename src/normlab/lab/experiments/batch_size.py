@@ -66,6 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from normlab.lab.config import ConfigError
 from normlab.lab.experiments.framework import (
     Experiment,
     Run,
@@ -79,7 +80,6 @@ from normlab.lab.experiments.framework import (
     register_experiment,
     save_figure,
 )
-from normlab.lab.train import ConfigError
 
 __all__ = [
     "BatchSizeConfig",

@@ -66,6 +66,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from normlab.lab.config import ConfigError
 from normlab.lab.experiments.framework import (
     Experiment,
     Run,
@@ -79,7 +80,6 @@ from normlab.lab.experiments.framework import (
     threshold,
     values,
 )
-from normlab.lab.train import ConfigError
 
 __all__ = ["BnVsLnConfig", "EXPERIMENT", "VARIANTS", "relative_change"]
 
@@ -215,7 +215,8 @@ def probe_model(
 def _run_one(run: Run) -> dict[str, Any]:
     import torch
 
-    from normlab.lab.train import load_data, resolve_device, train
+    from normlab.lab.runtime import resolve_device
+    from normlab.lab.train import load_data, train
 
     tc = run.train_config()
     result = train(tc, progress=run.progress)

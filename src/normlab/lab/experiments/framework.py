@@ -6,7 +6,7 @@ An :class:`Experiment` is data plus code:
   unit) describe the whole experiment, with a ``seeds: int`` field (the
   number of seeds per grid point); ``scales`` maps ``"smoke"``, ``"quick"``
   and ``"full"`` to instances of it. ``key=value`` overrides are parsed into
-  it, type-checked (:func:`normlab.lab.train.parse_overrides`).
+  it, type-checked (:func:`normlab.lab.config.parse_overrides`).
 * ``grid(config) -> [params, ...]``: the runs, each a JSON-able dict of
   everything that run depends on (no ``"seed"`` key: seeds ``0 .. seeds-1``
   are added by the framework). The run id is the hash of ``{**params,
@@ -48,8 +48,10 @@ from pathlib import Path
 from typing import Any
 
 from normlab._io import atomic_write
-from normlab.lab.store import RunStore, environment, git_revision, source_hash, sweep, write_json_atomic
-from normlab.lab.train import ConfigError, TrainConfig, parse_overrides
+from normlab.lab.config import ConfigError, TrainConfig, parse_overrides
+from normlab.lab.executors import sweep
+from normlab.lab.provenance import environment, git_revision, source_hash
+from normlab.lab.store import RunStore, write_json_atomic
 from normlab.registry import Registry
 
 __all__ = [
@@ -575,7 +577,7 @@ def run_experiment(
 
     ``executor`` / ``workers`` / ``address`` choose where the runs run
     (``"sequential"``, a ``"local"`` process pool, or ``"ray"``); see
-    :func:`normlab.lab.store.sweep`. Pool and Ray workers find the experiment by
+    :func:`normlab.lab.executors.sweep`. Pool and Ray workers find the experiment by
     name, so it must be registered in a module of ``normlab.lab.experiments``
     (or imported by the workers). Under ``torchrun`` (several processes, one
     training per run) only rank 0 writes the verdict and the figures.

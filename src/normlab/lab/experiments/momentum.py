@@ -66,6 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from normlab.lab.config import ConfigError
 from normlab.lab.experiments.framework import (
     Experiment,
     Run,
@@ -81,7 +82,6 @@ from normlab.lab.experiments.framework import (
     threshold,
     values,
 )
-from normlab.lab.train import ConfigError
 
 __all__ = [
     "MomentumConfig",
@@ -204,7 +204,8 @@ def _train_mode_accuracy(model, x, y, batch_size: int) -> float:
 def _run_one(run: Run) -> dict[str, Any]:
     import torch
 
-    from normlab.lab.train import evaluate, load_data, resolve_device, train
+    from normlab.lab.runtime import resolve_device
+    from normlab.lab.train import evaluate, load_data, train
 
     tc = run.train_config()
     ds = load_data(tc)

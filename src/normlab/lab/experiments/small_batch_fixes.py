@@ -53,6 +53,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from normlab.lab.config import ConfigError
 from normlab.lab.experiments.batch_size import (
     PRECISE,
     BatchSizeConfig,
@@ -72,7 +73,6 @@ from normlab.lab.experiments.framework import (
     mean_std,
     register_experiment,
 )
-from normlab.lab.train import ConfigError
 
 __all__ = ["EXPERIMENT", "FIXES_NORMS"]
 
