@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from normlab.lab.experiments import framework as base
-from normlab.lab.experiments.framework import Experiment, Run, Verdict, compare, group, pyplot, save_figure, values
+from normlab.lab.experiments.framework import Experiment, Part, Run, group, pyplot, save_figure
 
 __all__ = ["FAKES", "ALLOW_RUNNING", "FakeConfig", "registered_fakes", "make_store"]
 
@@ -33,7 +33,9 @@ VERDICT_PAPER = {"text": "Var(skip_i) grows like c*i with c <= 1", "source": "De
 
 @dataclass(frozen=True)
 class FakeConfig:
-    seeds: int = 3  # seeds per grid point
+    seeds: int = 3  # seeds per round
+    max_seeds: int = 3  # seed budget
+    threads: int = 1  # torch threads per run
     gap: float = 0.0  # accuracy added to the "bn" runs (fraction)
     noise: float = 0.01  # std of the per-seed noise (fraction)
     steps: int = 30  # length of the stored loss curve (steps)
@@ -84,20 +86,13 @@ def _run_one(run: Run) -> dict[str, Any]:
     return {"final_test_acc": acc, "step_loss": loss, "steps": run["steps"]}
 
 
-def _analyse(rows: list[dict[str, Any]], cfg: FakeConfig) -> Verdict:
+def _parts(cfg: FakeConfig) -> list[Part]:
     if not ALLOW_RUNNING["analyse"]:
         raise AssertionError("an analysis was run while building the report")
-    v = compare(
-        values(rows, "final_test_acc", norm="bn"),
-        values(rows, "final_test_acc", norm="none"),
-        "greater",
-        name_a="bn",
-        name_b="none",
-        metric="test accuracy",
-    )
-    if cfg.gap == 0.0:  # the inconclusive one carries its paper number in the verdict's numbers
-        return Verdict(v.status, v.summary, {**v.numbers, "paper": VERDICT_PAPER})
-    return v
+    return [
+        Part("bn-better", "test accuracy with bn is above none", "final_test_acc", {"norm": "bn"}, {"norm": "none"},
+             direction="greater", margin=0.02, why="two test examples in a hundred", label_a="bn", label_b="none"),
+    ]  # fmt: skip
 
 
 def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: FakeConfig) -> list[Path]:
@@ -137,7 +132,7 @@ def registered_fakes(mp: pytest.MonkeyPatch) -> dict[str, Experiment]:
             scales={"smoke": cfg, "quick": cfg, "full": cfg},
             grid=_grid,
             run_one=_run_one,
-            analyse=_analyse,
+            parts=_parts,
             plot=_plot,
             description=doc,
         )

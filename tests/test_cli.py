@@ -30,9 +30,11 @@ def test_run_show_and_resume(tmp_path, capsys):
     argv = ["run", "smoke-example", "--scale", "smoke", "--root", root, "--device", "cpu", "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "smoke-example [smoke]:" in out and "4 run now, 0 found stored" in out
+    assert "smoke-example [smoke, 2 seeds," in out and "4 run now, 0 found stored" in out
+    assert "(smoke scale: plumbing only, not a verdict)" in out
     verdict = json.loads((tmp_path / "runs" / "smoke-example" / "verdict.json").read_text())
-    assert verdict["status"] in ("holds", "does not hold", "inconclusive") and verdict["status"].upper() in out
+    assert verdict["status"] in ("holds", "does not hold", "inconclusive") and verdict["status"] in out
+    assert "bn-not-worse" in out and "decides" in out  # the parts table
     assert (tmp_path / "runs" / "smoke-example" / verdict["figures"][0]).is_file()
 
     assert main(argv) == 0
@@ -40,7 +42,8 @@ def test_run_show_and_resume(tmp_path, capsys):
 
     assert main(["show", "smoke-example", "--root", root]) == 0
     out = capsys.readouterr().out
-    assert "4 complete runs stored" in out and verdict["summary"] in out
+    assert "4 complete runs stored" in out and "pre-registration:" in out and "bn-not-worse" in out
+    assert out.index("pre-registration:") < out.index("verdict [smoke, 2 seeds]")
 
     rid = verdict["runs"][0]
     assert main(["show", rid[:8], "--root", root, "--epochs"]) == 0
@@ -75,7 +78,7 @@ def test_train_divergence_is_a_result(tmp_path, capsys):
         (["train", "--set", "norm=bn"], "norm='bn' is not one of:"),
         (["run", "no-such-experiment"], "known experiments:"),
         (["run", "smoke-example", "--scale", "huge"], "invalid choice: 'huge'"),
-        (["run", "smoke-example", "--set", "nope=1"], "valid keys: seeds, epochs"),
+        (["run", "smoke-example", "--set", "nope=1"], "valid keys: seeds, max_seeds, threads, epochs"),
         (["run", "smoke-example", "--seeds", "0"], "must be >= 1"),
         (["show", "deadbeef"], "no run 'deadbeef'"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -118,13 +121,15 @@ def test_demo_runs_the_registered_headline_claims(tmp_path, capsys, monkeypatch)
 
     @dataclass(frozen=True)
     class Cfg:
-        seeds: int = 2  # seeds per grid point
+        seeds: int = 2  # seeds per round
+        max_seeds: int = 2  # seed budget
+        threads: int = 1  # torch threads per run
 
     ran = []
     exp = base.Experiment(
         name="test-headline", claim="C998", title="t", config=Cfg, scales={s: Cfg() for s in base.SCALES},
         grid=lambda cfg: [{"arm": "x"}], run_one=lambda run: ran.append((run.scale, run.seed)) or {"v": 1.0},
-        analyse=lambda rows: base.threshold([r["v"] for r in rows], 0.5),
+        parts=lambda cfg: [base.Part("v", "v above 0.5", "v", {"arm": "x"}, bound=0.5, margin=0.1, why="test")],
     )  # fmt: skip
     base.register_experiment(exp)
     try:
@@ -134,7 +139,7 @@ def test_demo_runs_the_registered_headline_claims(tmp_path, capsys, monkeypatch)
         base.EXPERIMENTS.unregister("test-headline")
     out = capsys.readouterr().out
     assert ran == [("quick", 0), ("quick", 1)]  # quick scale by default
-    assert "C998 test-headline [quick]: HOLDS" in out
+    assert "C998 test-headline [quick, 2 seeds" in out and "HOLDS" in out
     assert f"figures and verdicts are under {tmp_path.resolve()}/<experiment>/" in out
 
 
@@ -144,7 +149,7 @@ def test_demo_falls_back_to_the_example_and_prints_where_figures_are(tmp_path, c
     monkeypatch.setattr(cli, "HEADLINE_CLAIMS", ("C997",))
     assert main(["demo", "--scale", "smoke", "--root", str(tmp_path), "--no-progress", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "running 'smoke-example'" in out and "smoke-example [smoke]:" in out
+    assert "running 'smoke-example'" in out and "smoke-example [smoke, 2 seeds," in out
     assert "figure: " in out and (tmp_path / "smoke-example" / "verdict.json").is_file()
 
 

@@ -1,4 +1,4 @@
-"""The experiment framework: verdict helpers on synthetic values, the registry, run → store → analyse → plot."""
+"""The experiment framework: the registry, seeds in rounds, run → store → judge → plot, recheck, the suite."""
 
 from __future__ import annotations
 
@@ -12,20 +12,15 @@ from normlab.lab.config import ConfigError
 from normlab.lab.experiments import framework as base
 from normlab.lab.experiments.framework import (
     Experiment,
+    Part,
     Run,
-    Verdict,
-    combine,
-    compare,
     fmt_mean_std,
     get_experiment,
     mean_std,
     register_experiment,
     run_experiment,
-    threshold,
 )
 from normlab.registry import RegistryError
-
-# --------------------------------------------------------------------------- verdict helpers
 
 
 def test_mean_std_matches_numpy():
@@ -36,79 +31,14 @@ def test_mean_std_matches_numpy():
     assert fmt_mean_std([1.0, 3.0]) == "2 ± 1.41 (n=2)"
 
 
-def test_compare_holds_when_separated_in_the_claimed_direction():
-    v = compare([0.90, 0.92, 0.91], [0.80, 0.82, 0.81], "greater", name_a="bn", name_b="none", metric="acc")
-    assert v.status == "holds"
-    assert v.numbers["bn"]["mean"] == pytest.approx(0.91) and v.numbers["none"]["n"] == 3
-    assert v.numbers["bn"]["std"] == pytest.approx(np.std([0.90, 0.92, 0.91], ddof=1))
-    assert v.numbers["difference"] == pytest.approx(0.10)
-    assert "bn 0.91 ± 0.01 (n=3)" in v.summary and "\n" not in v.summary
-    assert compare([1.0, 1.1], [2.0, 2.1], "less").status == "holds"
-
-
-def test_compare_does_not_hold_when_separated_the_other_way():
-    assert compare([0.80, 0.82, 0.81], [0.90, 0.92, 0.91], "greater").status == "does not hold"
-    assert compare([3.0, 3.1], [1.0, 1.1], "less").status == "does not hold"
-
-
-def test_compare_is_inconclusive_when_intervals_overlap_or_too_few_seeds_or_within_margin():
-    # means differ (0.86 vs 0.85) but mean ± std intervals overlap
-    assert compare([0.80, 0.92], [0.84, 0.86], "greater").status == "inconclusive"
-    # touching intervals count as overlapping: [1, 1] and [1, 1] with zero spread
-    assert compare([1.0, 1.0], [1.0, 1.0], "greater").status == "inconclusive"
-    # one seed: no spread, no verdict
-    assert compare([0.99], [0.10], "greater").status == "inconclusive"
-    assert compare([0.99], [0.10], "greater", min_seeds=1).status == "holds"
-    # separated, but by less than the margin that matters
-    v = compare([0.901, 0.9011], [0.900, 0.9001], "greater", margin=0.01)
-    assert v.status == "inconclusive" and "margin" in v.summary
-
-
-def test_compare_interval_width_k():
-    a, b = [1.0, 1.2], [0.7, 0.9]  # means 1.1 and 0.8, std 0.1414 each: gap 0.3
-    assert compare(a, b, k=1).status == "holds"  # 1.1 - 0.141 > 0.8 + 0.141
-    assert compare(a, b, k=2).status == "inconclusive"  # 1.1 - 0.283 < 0.8 + 0.283
-
-
-def test_compare_rejects_non_finite_and_empty_values():
-    with pytest.raises(ValueError, match="non-finite"):
-        compare([1.0, float("nan")], [1.0, 2.0])
-    with pytest.raises(ValueError, match="no values"):
-        compare([], [1.0])
-    with pytest.raises(ValueError, match="direction"):
-        compare([1.0], [2.0], "bigger")
-
-
-def test_threshold_reaches_all_three_statuses():
-    assert threshold([0.95, 0.97, 0.96], 0.9, "greater").status == "holds"
-    assert threshold([0.85, 0.87, 0.86], 0.9, "greater").status == "does not hold"
-    assert threshold([0.85, 0.95], 0.9, "greater").status == "inconclusive"
-    assert threshold([0.5, 0.6], 1.0, "less").status == "holds"
-    assert threshold([0.5], 1.0, "less").status == "inconclusive"
-
-
-def test_combine_parts():
-    h, n, i = Verdict("holds", "a"), Verdict("does not hold", "b"), Verdict("inconclusive", "c")
-    assert combine([h, h]).status == "holds"
-    assert combine([h, i]).status == "inconclusive"
-    assert combine([h, i, n]).status == "does not hold"
-    v = combine({"deep": h, "shallow": i})
-    assert v.numbers["deep"]["status"] == "holds" and "deep: a" in v.summary
-
-
-def test_verdict_rejects_unknown_status_and_multi_line_summary():
-    with pytest.raises(ValueError, match="holds"):
-        Verdict("maybe", "x")
-    with pytest.raises(ValueError, match="one line"):
-        Verdict("holds", "x\ny")
-
-
 # --------------------------------------------------------------------------- registry and run_experiment
 
 
 @dataclass(frozen=True)
 class ToyConfig:
-    seeds: int = 2  # seeds per grid point
+    seeds: int = 2  # seeds per round
+    max_seeds: int = 2  # seed budget
+    threads: int = 1  # torch threads per run
     gap: float = 1.0  # true difference between the arms
     noise: float = 0.1  # per-seed noise
 
@@ -122,15 +52,20 @@ def _toy_grid(cfg):
 
 def _toy_run(run: Run):
     CALLS.append((run["arm"], run.seed))
-    rng = np.random.default_rng(run.seed)
+    rng = np.random.default_rng([run.seed, 0 if run["arm"] == "a" else 1])  # arms draw independent noise
     return {"value": float(run["mu"] + run["noise"] * rng.standard_normal()), "curve": [1.0, 0.5]}
 
 
-def _toy_analyse(rows):
-    return compare(base.values(rows, "value", arm="a"), base.values(rows, "value", arm="b"), name_a="a", name_b="b")
+def _toy_parts(cfg):
+    return [
+        Part("a-above-b", "arm a's value is above arm b's", "value", {"arm": "a"}, {"arm": "b"},
+             direction="greater", margin=0.2, why="test margin"),
+        Part("a-near-mu", "arm a is near its mean (reported)", "value", {"arm": "a"}, bound=cfg.gap,
+             direction="equivalent", margin=0.5, why="test margin", decides=False),
+    ]  # fmt: skip
 
 
-def _toy_plot(rows, out_dir):
+def _toy_plot(rows, out_dir, cfg):
     plt = base.pyplot()
     fig, ax = plt.subplots()
     ax.plot([r["value"] for r in rows])
@@ -144,10 +79,14 @@ def toy():
         claim="C999",
         title="toy",
         config=ToyConfig,
-        scales={"smoke": ToyConfig(), "quick": ToyConfig(seeds=3), "full": ToyConfig(seeds=5)},
+        scales={
+            "smoke": ToyConfig(),
+            "quick": ToyConfig(seeds=3, max_seeds=9),
+            "full": ToyConfig(seeds=5, max_seeds=5),
+        },
         grid=_toy_grid,
         run_one=_toy_run,
-        analyse=_toy_analyse,
+        parts=_toy_parts,
         plot=_toy_plot,
     )
     register_experiment(exp)
@@ -172,55 +111,22 @@ def test_experiment_definition_is_checked():
     @dataclass
     class Mutable:
         seeds: int = 1
+        max_seeds: int = 1
+        threads: int = 1
 
-    kw = dict(name="x", claim=None, title="t", grid=_toy_grid, run_one=_toy_run, analyse=_toy_analyse)
+    @dataclass(frozen=True)
+    class NoBudget:
+        seeds: int = 1
+
+    kw = dict(name="x", claim=None, title="t", grid=_toy_grid, run_one=_toy_run, parts=_toy_parts)
+    with pytest.raises(TypeError, match="needs a `max_seeds: int` field"):
+        Experiment(config=NoBudget, scales={s: NoBudget() for s in base.SCALES}, **kw)
     with pytest.raises(TypeError, match="frozen"):
         Experiment(config=Mutable, scales={s: Mutable() for s in base.SCALES}, **kw)
     with pytest.raises(ValueError, match="scales must be exactly"):
         Experiment(config=ToyConfig, scales={"quick": ToyConfig()}, **kw)
     with pytest.raises(ValueError, match="claim id"):
         Experiment(config=ToyConfig, scales={s: ToyConfig() for s in base.SCALES}, **{**kw, "claim": "claim1"})
-
-
-def test_run_experiment_stores_analyses_plots_and_resumes(toy, tmp_path):
-    res = run_experiment("test-toy", scale="smoke", root=tmp_path, progress=False)
-    assert res.verdict.status == "holds"  # gap 1.0 >> noise 0.1
-    assert sorted(CALLS) == [("a", 0), ("a", 1), ("b", 0), ("b", 1)] and len(res.ran) == 4
-    assert [r["arm"] for r in res.rows] == ["a", "a", "b", "b"] and res.rows[0]["curve"] == [1.0, 0.5]
-    v = json.loads(res.verdict_path.read_text())
-    assert v["status"] == "holds" and v["scale"] == "smoke" and v["claim"] == "C999" and v["seeds"] == 2
-    assert v["figures"] == ["figures/toy.png"] and len(v["runs"]) == 4
-    assert v["command"] == "normlab run test-toy --scale smoke"
-    img = base.pyplot().imread(res.folder / v["figures"][0])
-    assert img.ndim == 3 and img.shape[0] > 10
-
-    CALLS.clear()
-    again = run_experiment("test-toy", scale="smoke", root=tmp_path, progress=False)
-    assert CALLS == [] and again.ran == [] and len(again.skipped) == 4
-    assert again.verdict == res.verdict
-
-    more = run_experiment("test-toy", scale="smoke", seeds=3, root=tmp_path, progress=False)
-    assert sorted(CALLS) == [("a", 2), ("b", 2)] and len(more.skipped) == 4  # only the new seed ran
-
-
-def test_overrides_reach_the_config_and_can_flip_the_verdict(toy, tmp_path):
-    res = run_experiment("test-toy", scale="smoke", overrides=["gap=-1.0"], root=tmp_path, progress=False)
-    assert res.config.gap == -1.0 and res.verdict.status == "does not hold"
-    res = run_experiment("test-toy", scale="smoke", overrides=["gap=0", "noise=1"], root=tmp_path, progress=False)
-    assert res.verdict.status == "inconclusive"
-    with pytest.raises(ConfigError, match="valid keys: seeds, gap, noise"):
-        run_experiment("test-toy", scale="smoke", overrides=["gapp=1"], root=tmp_path, progress=False)
-    with pytest.raises(ConfigError, match="scale 'huge' is not one of: smoke, quick, full"):
-        run_experiment("test-toy", scale="huge", root=tmp_path, progress=False)
-
-
-def test_analyse_stored_never_runs(toy, tmp_path):
-    first = run_experiment("test-toy", scale="smoke", root=tmp_path, progress=False)
-    CALLS.clear()
-    verdict, rows, figures = base.analyse_stored("test-toy", "smoke", root=tmp_path)
-    assert CALLS == [] and verdict == first.verdict and figures and figures[0].is_file()
-    with pytest.raises(FileNotFoundError, match="normlab run test-toy --scale quick"):
-        base.analyse_stored("test-toy", "quick", root=tmp_path)
 
 
 def test_run_train_config_maps_params_seed_and_device():
@@ -260,6 +166,8 @@ def test_run_passes_the_configs_data_dir_to_the_dataset_and_load_data_is_what_tr
     @dc(frozen=True)
     class Cfg:
         seeds: int = 1
+        max_seeds: int = 1
+        threads: int = 1
         data_dir: str | None = None
 
     params = {"dataset": "digits", "n_train": 200, "data_kwargs": {"n_test": 50}}
@@ -269,3 +177,99 @@ def test_run_passes_the_configs_data_dir_to_the_dataset_and_load_data_is_what_tr
     assert tc.data_kwargs == {"n_test": 50}
     ds = load_data(TrainConfig(dataset="digits", n_train=200))
     assert ds.x_train.shape[0] == 200
+
+
+def test_run_experiment_stores_judges_plots_and_resumes(toy, tmp_path):
+    res = run_experiment("test-toy", scale="smoke", root=tmp_path, progress=False)
+    assert res.verdict.status == "holds" and not res.verdict.meaningful  # gap 1.0 >> noise 0.1, but smoke scale
+    assert res.verdict.summary.startswith("[smoke scale checks the plumbing only")
+    assert sorted(CALLS) == [("a", 0), ("a", 1), ("b", 0), ("b", 1)] and len(res.ran) == 4
+    assert [r["arm"] for r in res.rows] == ["a", "a", "b", "b"] and res.rows[0]["curve"] == [1.0, 0.5]
+    v = json.loads(res.verdict_path.read_text())
+    assert v["status"] == "holds" and v["scale"] == "smoke" and v["claim"] == "C999" and v["seeds"] == 2
+    assert v["meaningful"] is False and v["rule_version"] == 1 and v["looks"] == [2] and v["seeds_used"] == [0, 1]
+    assert [p["name"] for p in v["parts"]] == ["a-above-b", "a-near-mu"] and v["parts"][1]["decides"] is False
+    assert v["figures"] == ["figures/toy.png", "figures/parts.png"] and len(v["runs"]) == 4
+    assert v["command"] == "normlab run test-toy --scale smoke"
+    assert v["machine"]["threads_per_run"] == 1 and v["parts_digest"]
+    for f in v["figures"]:
+        img = base.pyplot().imread(res.folder / f)
+        assert img.ndim == 3 and img.shape[0] > 10
+
+    CALLS.clear()
+    again = run_experiment("test-toy", scale="smoke", root=tmp_path, progress=False)
+    assert CALLS == [] and again.ran == [] and len(again.skipped) == 4
+    assert again.verdict.status == res.verdict.status and again.verdict.summary == res.verdict.summary
+
+    more = run_experiment("test-toy", scale="smoke", seeds=3, root=tmp_path, progress=False)
+    assert sorted(CALLS) == [("a", 2), ("b", 2)] and len(more.skipped) == 4  # only the new seed ran
+
+
+def test_seeds_run_in_rounds_and_stop_once_every_deciding_part_is_decided(toy, tmp_path):
+    # a large effect: decided at the first look (3 seeds) of the plan 3, 6, 9
+    res = run_experiment("test-toy", scale="quick", root=tmp_path, progress=False)
+    j = res.verdict.judgement
+    assert j.plan.looks == (3, 6, 9) and j.seeds == 3 and j.look == 1 and j.stopped_early
+    assert sorted(CALLS) == [(arm, s) for arm in "ab" for s in range(3)]
+    # no effect and large noise: never decided, so every round runs up to the budget
+    CALLS.clear()
+    res = run_experiment("test-toy", scale="quick", overrides=["gap=0", "noise=1"], root=tmp_path, progress=False)
+    assert res.verdict.status == "inconclusive" and res.verdict.judgement.seeds == 9
+    assert len(CALLS) == 18 and not res.verdict.judgement.stopped_early
+    # a larger budget reuses the stored runs and only adds seeds
+    CALLS.clear()
+    res = run_experiment("test-toy", scale="quick", overrides=["gap=0", "noise=1", "max_seeds=12"],
+                         root=tmp_path, progress=False)  # fmt: skip
+    assert sorted(CALLS) == [(arm, s) for arm in "ab" for s in range(9, 12)]
+    assert res.verdict.judgement.plan.looks == (3, 6, 9, 12) and res.verdict.judgement.seeds == 12
+
+
+def test_overrides_reach_the_config_and_can_flip_the_verdict(toy, tmp_path):
+    res = run_experiment("test-toy", scale="quick", overrides=["gap=-1.0"], root=tmp_path, progress=False)
+    assert res.config.gap == -1.0 and res.verdict.status == "does not hold"
+    with pytest.raises(ConfigError, match="valid keys: seeds, max_seeds, threads, gap, noise"):
+        run_experiment("test-toy", scale="smoke", overrides=["gapp=1"], root=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="scale 'huge' is not one of: smoke, quick, full"):
+        run_experiment("test-toy", scale="huge", root=tmp_path, progress=False)
+
+
+def test_analyse_stored_never_runs_and_gives_the_stored_verdict(toy, tmp_path):
+    first = run_experiment("test-toy", scale="quick", overrides=["gap=0.3", "noise=0.3"], root=tmp_path,
+                           progress=False)  # fmt: skip
+    CALLS.clear()
+    again = base.analyse_stored("test-toy", root=tmp_path)
+    assert CALLS == [] and again.summary == first.verdict.summary
+
+
+def test_recheck_reruns_the_stored_seeds_with_another_thread_count(toy, tmp_path):
+    first = run_experiment("test-toy", scale="quick", root=tmp_path, progress=False)
+    CALLS.clear()
+    out = base.recheck_experiment("test-toy", tmp_path, progress=False)
+    assert out["threads"] == 2 and out["threads_before"] == 1 and out["seeds"] == first.verdict.judgement.seeds
+    assert sorted(CALLS) == [(arm, s) for arm in "ab" for s in range(3)]  # from scratch, in a separate store
+    assert (tmp_path / ".recheck" / "test-toy").is_dir()
+    assert out["same_claim"] and out["same_parts"] and out["parts"]["a-above-b"] == ["holds", "holds"]
+    assert json.loads(first.verdict_path.read_text())["recheck"]["same_parts"] is True
+
+
+def test_every_registered_experiment_declares_deciding_parts_with_margins_and_a_preregistration():
+    for name in base.experiment_names():
+        exp = get_experiment(name)
+        for scale in base.SCALES:
+            parts = exp.declared_parts(exp.config_for(scale))
+            assert any(p.decides for p in parts), name
+            for p in parts:
+                assert p.margin > 0 and p.why.strip(), (name, p.name)
+        assert exp.preregistration, f"{name}: the module docstring has no Pre-registration section"
+        for p in exp.declared_parts(exp.config_for("quick")):
+            assert p.name in exp.preregistration, f"{name}: part {p.name!r} is not in the pre-registration"
+
+
+def test_run_all_runs_every_claim_and_writes_the_suite(toy, tmp_path, monkeypatch):
+    monkeypatch.setattr(base, "experiment_names", lambda include_examples=True: ["test-toy"])
+    seen = []
+    suite = base.run_all("quick", tmp_path, progress=False, executor="sequential", on_result=seen.append)
+    assert [r.experiment for r in seen] == ["test-toy"]
+    assert suite["counts"] == {"holds": 1, "does not hold": 0, "inconclusive": 0}
+    stored = json.loads((tmp_path / "suite.json").read_text())
+    assert stored["claims"][0]["status"] == "holds" and stored["wall_time"] > 0

@@ -68,7 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="run an experiment (missing runs only), analyse it, draw its figures",
         description="Run an experiment: the runs not yet stored, then the verdict and the figures.",
     )
-    s.add_argument("experiment", help="experiment name or claim id (see `normlab list experiments`)")
+    s.add_argument("experiment", nargs="?", help="experiment name or claim id (see `normlab list experiments`)")
+    s.add_argument(
+        "--all",
+        action="store_true",
+        help="every claim in turn (quick scale, on a local process pool unless --executor says otherwise), "
+        "then the report",
+    )
+    s.add_argument(
+        "--recheck",
+        action="store_true",
+        help="rerun the stored verdict's seeds from scratch with another thread count (1 <-> 2) and say whether "
+        "every part reaches the same decision",
+    )
     s.add_argument("--scale", choices=("smoke", "quick", "full"), default="quick", help="default: quick")
     s.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds (default: the scale's)")
     s.add_argument(
@@ -84,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--executor",
         choices=("sequential", "local", "ray"),
-        default="sequential",
-        help="where the runs run: one after the other here (default), a local process pool, or Ray",
+        default=None,
+        help="where the runs run: one after the other here (default; with --all: local), a local process pool, or Ray",
     )
     s.add_argument(
         "--workers",
@@ -212,10 +224,36 @@ def cmd_list(args) -> int:
 def _print_verdict(result) -> None:
     v = result.verdict
     tag = f"{result.claim} " if result.claim else ""
-    print(f"{tag}{result.experiment} [{result.scale}]: {v.status.upper()} — {v.summary}")
+    status = v.status.upper() if v.meaningful else f"{v.status} (smoke scale: plumbing only, not a verdict)"
+    j = v.judgement
+    print(f"{tag}{result.experiment} [{result.scale}, {j.seeds} seeds, {result.wall_time:.0f} s]: {status}")
+    for line in _parts_table([r.to_dict() for r in j.parts]):
+        print(f"  {line}")
+    if v.finding:
+        print(f"  finding: {v.finding}")
     print(f"  runs: {len(result.ran)} run now, {len(result.skipped)} found stored; verdict: {result.verdict_path}")
     for f in result.figures:
         print(f"  figure: {f}")
+
+
+def _parts_table(parts: list[dict]) -> list[str]:
+    """The parts of a verdict as aligned rows: effect, interval and its level, δ, n, decision."""
+
+    def g(x) -> str:
+        return f"{x:.3g}" if isinstance(x, (int, float)) and math.isfinite(x) else str(x)
+
+    rows = [("part", "role", "effect", "interval", "level", "δ", "n", "decision")]
+    for p in parts:
+        sh, ratio = p["shown"], p["scale"] == "log10 ratio"
+        effect = ("×" if ratio else "") + g(sh["effect"])
+        interval = f"[{g(sh['ci'][0])}, {g(sh['ci'][1])}]"
+        margin = ("×" if ratio else "±") + g(sh["margin"])
+        n = str(p["n_a"]) if p["n_a"] == p["n_b"] else f"{p['n_a']}/{p['n_b']}"
+        role = "decides" if p["decides"] else "reported"
+        decision = p["status"] + (f" (detectable ≥ {g(sh['detectable'])})" if p["status"] == "inconclusive" else "")
+        rows.append((p["name"], role, effect, interval, f"{100 * p['level']:.3g}%", margin, n, decision))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
 
 
 def _check_executor(args) -> None:
@@ -235,9 +273,24 @@ def _check_executor(args) -> None:
 
 def cmd_run(args) -> int:
     from normlab.lab import launch
-    from normlab.lab.experiments import run_experiment
+    from normlab.lab.experiments import recheck_experiment, run_experiment
 
+    if args.all == (args.experiment is not None):
+        raise _UsageError("name one experiment, or --all for every claim")
+    if args.executor is None:
+        args.executor = "local" if args.all else "sequential"
     _check_executor(args)
+    if args.all:
+        return _run_all(args)
+    if args.recheck:
+        if args.seeds is not None or args.overrides:
+            raise _UsageError("--recheck reruns the stored verdict as it was: drop --seeds and --set")
+        out = recheck_experiment(
+            args.experiment, args.root, device=args.device, progress=args.progress,
+            executor=args.executor, workers=args.workers,
+        )  # fmt: skip
+        _print_recheck(args.experiment, out)
+        return 0
     result = run_experiment(
         args.experiment,
         scale=args.scale,
@@ -252,6 +305,31 @@ def cmd_run(args) -> int:
     )
     if launch.is_main_process():
         _print_verdict(result)
+    return 0
+
+
+def _print_recheck(name: str, out: dict) -> None:
+    same = "the same decisions" if out["same_parts"] and out["same_claim"] else "DIFFERENT decisions"
+    print(
+        f"{name}: rerun from scratch with {out['threads']} thread(s) instead of {out['threads_before']}, "
+        f"{out['seeds']} seeds: {same} ({out['status_before']} -> {out['status_after']}, {out['wall_time']:.0f} s)"
+    )
+    for part, (before, after) in out["parts"].items():
+        print(f"  {part}: {before} -> {after}")
+
+
+def _run_all(args) -> int:
+    from normlab.lab.experiments import run_all
+    from normlab.lab.report import build_report
+
+    if args.seeds is not None or args.overrides:
+        raise _UsageError("--all runs every claim at its scale's settings: drop --seeds and --set")
+    suite = run_all(
+        args.scale, args.root, device=args.device, progress=args.progress, executor=args.executor,
+        workers=args.workers, recheck=args.recheck, on_result=_print_verdict,
+    )  # fmt: skip
+    print(f"{len(suite['claims'])} claims in {suite['wall_time'] / 60:.1f} min: {suite['counts']}")
+    print(f"report: {build_report(args.root)}")
     return 0
 
 
@@ -273,8 +351,26 @@ def _show_experiment(folder: Path) -> int:
         v = read_json(verdict)
         tag = f"{v.get('claim')} " if v.get("claim") else ""
         print(f"  {tag}{v.get('title', '')}")
+        if v.get("preregistration"):
+            print("pre-registration:")
+            for line in str(v["preregistration"]).splitlines():
+                print(f"  {line}")
         where = f"{v.get('scale')}, {v.get('seeds')} seeds"
-        print(f"  verdict [{where}]: {str(v.get('status')).upper()} — {v.get('summary')}")
+        status = (
+            str(v.get("status")).upper()
+            if v.get("meaningful", True)
+            else f"{v.get('status')} (smoke scale: not a verdict)"
+        )
+        print(f"verdict [{where}]: {status}")
+        for line in _parts_table(v.get("parts") or []):
+            print(f"  {line}")
+        if v.get("finding"):
+            print(f"  finding: {v['finding']}")
+        if v.get("recheck"):
+            r = v["recheck"]
+            same = "same decisions" if r["same_parts"] and r["same_claim"] else "DIFFERENT decisions"
+            print(f"  recheck with {r['threads']} thread(s): {same} ({r['status_before']} -> {r['status_after']})")
+        print(f"  rule: {v.get('rule')} (v{v.get('rule_version')}), looks {v.get('looks')}, alpha {v.get('alpha')}")
         print(f"  reproduce: {v.get('command')}")
         for f in v.get("figures", []):
             print(f"  figure: {folder / f}")
@@ -313,7 +409,15 @@ def cmd_show(args) -> int:
 
     store = RunStore(args.root)
     ref = Path(args.ref)
-    for folder in (ref, store.root / ref):
+    candidates = [ref, store.root / ref]
+    try:
+        from normlab.lab.experiments import EXPERIMENTS
+
+        if args.ref in EXPERIMENTS:  # a claim id such as C4, or a name in any case
+            candidates.append(store.root / EXPERIMENTS.canonical(args.ref))
+    except ImportError:
+        pass
+    for folder in candidates:
         if folder.is_dir() and not (folder / "config.json").is_file() and _is_experiment_folder(folder):
             return _show_experiment(folder)
     try:

@@ -1,4 +1,4 @@
-"""The lab's experiments: one module per claim (see ``CLAIMS.md``), registered by name, on one framework.
+"""The lab's experiments: one module per claim, registered by name, on one framework.
 
 ::
 
@@ -7,54 +7,56 @@
     result = run_experiment("smoke-example", scale="smoke", root="runs")
     result.verdict.status, result.figures
 
-Every module in this package (except ``framework`` and private ``_*`` modules) is
-imported the first time the registry is asked for names, and registers its
-experiment with :func:`register_experiment`; adding a claim means adding one
-module. The framework itself is in :mod:`normlab.lab.experiments.framework`.
+Every module in this package (except ``framework``, ``verdicts`` and private
+``_*`` modules) is imported the first time the registry is asked for names,
+and registers its experiment with :func:`register_experiment`; adding a claim
+means adding one module. The framework is in
+:mod:`normlab.lab.experiments.framework`, the statistics engine that turns
+seeds into verdicts in :mod:`normlab.lab.experiments.verdicts`.
 """
 
 from normlab.lab.experiments.framework import (
+    EXPERIMENTS,
     SCALES,
     STATUSES,
     Experiment,
     ExperimentResult,
+    Part,
     Run,
+    SeedPlan,
     Verdict,
     analyse_stored,
-    combine,
-    compare,
     experiment_names,
-    fmt_mean_std,
     get_experiment,
     group,
-    mean_std,
     pyplot,
+    recheck_experiment,
     register_experiment,
+    run_all,
     run_experiment,
     save_figure,
-    threshold,
     values,
 )
 
 __all__ = [
+    "EXPERIMENTS",
     "SCALES",
     "STATUSES",
     "Experiment",
     "ExperimentResult",
+    "Part",
     "Run",
+    "SeedPlan",
     "Verdict",
     "analyse_stored",
-    "combine",
-    "compare",
     "experiment_names",
-    "fmt_mean_std",
     "get_experiment",
     "group",
-    "mean_std",
     "pyplot",
+    "recheck_experiment",
     "register_experiment",
+    "run_all",
     "run_experiment",
     "save_figure",
-    "threshold",
     "values",
 ]

@@ -1,33 +1,48 @@
-"""The experiment framework: a claim becomes config + grid + ``run_one`` + ``analyse`` + ``plot``.
+"""The experiment framework: a claim becomes config + grid + ``run_one`` + declared parts + ``plot``.
 
 An :class:`Experiment` is data plus code:
 
 * ``config``: a frozen dataclass type whose fields (each commented with its
-  unit) describe the whole experiment, with a ``seeds: int`` field (the
-  number of seeds per grid point); ``scales`` maps ``"smoke"``, ``"quick"``
-  and ``"full"`` to instances of it. ``key=value`` overrides are parsed into
-  it, type-checked (:func:`normlab.lab.config.parse_overrides`).
+  unit) describe the whole experiment, with ``seeds: int`` (seeds per round:
+  the first look, and each later round) and ``max_seeds: int`` (the budget);
+  ``scales`` maps ``"smoke"``, ``"quick"`` and ``"full"`` to instances of it.
+  ``key=value`` overrides are parsed into it, type-checked
+  (:func:`normlab.lab.config.parse_overrides`).
 * ``grid(config) -> [params, ...]``: the runs, each a JSON-able dict of
-  everything that run depends on (no ``"seed"`` key: seeds ``0 .. seeds-1``
-  are added by the framework). The run id is the hash of ``{**params,
-  "seed": seed}``, so a run is reused by any scale or override that asks for
-  exactly the same thing, and raising ``seeds`` only runs the new seeds.
+  everything that run depends on (no ``"seed"`` key: the framework adds the
+  seeds). The run id is the hash of ``{**params, "seed": seed}``, so a run is
+  reused by any scale or override that asks for exactly the same thing, and a
+  larger seed budget only runs the new seeds.
 * ``run_one(run: Run) -> metrics``: runs one configuration (training with
   :func:`normlab.lab.train.train`, via ``run.train_config()``, or a probe) and
-  returns a dict of metrics: scalars and curves.
-* ``analyse(rows) -> Verdict`` (or ``analyse(rows, config)``): ``rows`` are
-  the stored runs of this sweep, one flat dict each: the params, ``seed``,
-  ``run_id``, the scalar results and the curves. It must only read rows
-  (re-analysing never retrains).
-* ``plot(rows, out_dir) -> [png paths]`` (or ``plot(rows, out_dir, config)``).
+  returns a dict of metrics: scalars and curves. The framework sets torch's
+  thread count to ``config.threads`` around it (threads are not part of the run id).
+* ``parts(config) -> [Part, ...]``: the claim's declared parts
+  (:class:`~normlab.lab.experiments.verdicts.Part`): metric, arms, direction,
+  margin and its reason, scale, pairing, deciding or reported. The module
+  docstring opens with the same parts in words, as a **pre-registration**.
+* ``measure(rows, config) -> per-seed rows`` (optional): turns the stored runs
+  into the rows the parts select from, when a part's value is computed across
+  runs (e.g. the accuracy drop from batch 32 to batch 2 of one seed). Default:
+  the stored rows themselves (params, ``seed``, ``run_id``, scalars, curves).
+* ``explain(rows, config, judgement) -> (sentence, numbers)`` (optional): the
+  experiment's own words on what was found (a finding the parts do not say,
+  e.g. "gradients vanish although no unit saturates") and extra numbers.
+* ``plot(rows, out_dir, config) -> [png paths]``.
 
-:func:`run_experiment` runs the missing runs into the run store
-(``<root>/<name>/<run id>/``), skips stored ones, then analyses, plots and
-writes ``<root>/<name>/verdict.json`` and ``<root>/<name>/figures/*.png``.
+:func:`run_experiment` runs seeds in rounds — the missing runs into the run
+store (``<root>/<name>/<run id>/``), skipping stored ones — and after each
+round judges the claim with :func:`~normlab.lab.experiments.verdicts.judge`;
+it stops as soon as every deciding part is decided, or at the budget. It then
+plots and writes ``<root>/<name>/verdict.json`` (with every part's interval,
+the rule's name and version, the seeds and the machine) and
+``<root>/<name>/figures/*.png`` (the experiment's figures and ``parts.png``, a
+forest plot of the parts against their margins). The statistics and the
+decision rule are in :mod:`normlab.lab.experiments.verdicts`.
 
-Verdicts are **holds**, **does not hold** or **inconclusive**, decided by the
-helpers below from the mean and spread over seeds; see :func:`compare` for the
-rule. A claim that does not hold at our scale is a result, not a bug.
+A ``smoke`` run checks the plumbing: its verdict is recorded with
+``"meaningful": false`` and printed as such. A claim that does not hold at our
+scale is a result, not a bug.
 """
 
 from __future__ import annotations
@@ -35,10 +50,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import inspect
 import math
 import pkgutil
 import re
+import shlex
 import statistics
 import time
 import warnings
@@ -50,13 +65,28 @@ from typing import Any
 from normlab._io import atomic_write
 from normlab.lab.config import ConfigError, TrainConfig, parse_overrides
 from normlab.lab.executors import sweep
+from normlab.lab.experiments.verdicts import (
+    DOES_NOT_HOLD,
+    HOLDS,
+    INCONCLUSIVE,
+    RULE_VERSION,
+    STATUSES,
+    Judgement,
+    Part,
+    SeedPlan,
+    judge,
+)
 from normlab.lab.provenance import environment, git_revision, source_hash
-from normlab.lab.store import RunStore, write_json_atomic
+from normlab.lab.store import RunStore, read_json, write_json_atomic
 from normlab.registry import Registry
 
 __all__ = [
+    "EXPERIMENTS",
     "SCALES",
     "STATUSES",
+    "SMOKE_NOTE",
+    "Part",
+    "SeedPlan",
     "Verdict",
     "Run",
     "Experiment",
@@ -65,12 +95,14 @@ __all__ = [
     "get_experiment",
     "experiment_names",
     "run_experiment",
+    "recheck_experiment",
+    "run_all",
     "analyse_stored",
+    "judge_rows",
+    "forest_plot",
+    "preregistration",
     "mean_std",
     "fmt_mean_std",
-    "compare",
-    "threshold",
-    "combine",
     "values",
     "group",
     "pyplot",
@@ -78,28 +110,6 @@ __all__ = [
 ]
 
 SCALES = ("smoke", "quick", "full")
-STATUSES = ("holds", "does not hold", "inconclusive")
-
-
-# --------------------------------------------------------------------------- verdicts
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """The outcome of an analysis: a status, a one-line summary with mean ± spread, and the numbers behind it."""
-
-    status: str  # "holds" | "does not hold" | "inconclusive"
-    summary: str  # one line, e.g. "BN 0.93 ± 0.01 vs none 0.88 ± 0.02 (n=3 each): higher with BN, as claimed"
-    numbers: dict[str, Any] = field(default_factory=dict)  # JSON-able numbers behind the summary
-
-    def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"Verdict status {self.status!r} is not one of: {', '.join(map(repr, STATUSES))}")
-        if "\n" in self.summary:
-            raise ValueError("Verdict summary must be one line")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "summary": self.summary, "numbers": dict(self.numbers)}
 
 
 def mean_std(xs: Iterable[float]) -> tuple[float, float, int]:
@@ -110,147 +120,10 @@ def mean_std(xs: Iterable[float]) -> tuple[float, float, int]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
 
 
-def _g(x: float, digits: int) -> str:
-    return f"{x:.{digits}g}"
-
-
 def fmt_mean_std(xs: Iterable[float], digits: int = 3) -> str:
-    """``"0.912 ± 0.0131 (n=3)"``: mean ± sample std over seeds."""
+    """``"0.912 ± 0.0131 (n=3)"``: mean ± sample std over seeds (for descriptions; verdicts use intervals)."""
     m, s, n = mean_std(xs)
-    return f"{_g(m, digits)} ± {_g(s, digits)} (n={n})"
-
-
-def _check_values(xs: Sequence[float], name: str, who: str) -> list[float]:
-    xs = [float(x) for x in xs]
-    if not xs:
-        raise ValueError(f"{who}: no values for {name!r}; did the grid produce runs for it?")
-    bad = [x for x in xs if not math.isfinite(x)]
-    if bad:
-        raise ValueError(
-            f"{who}: values for {name!r} include non-finite numbers ({bad[0]}); "
-            "map diverged runs to a number first (e.g. chance accuracy) or compare another metric"
-        )
-    return xs
-
-
-def compare(
-    a: Sequence[float],
-    b: Sequence[float],
-    direction: str = "greater",
-    *,
-    name_a: str = "A",
-    name_b: str = "B",
-    metric: str = "value",
-    k: float = 1.0,
-    margin: float = 0.0,
-    min_seeds: int = 2,
-    digits: int = 3,
-) -> Verdict:
-    """Decide whether the claim "``a`` is ``direction`` than ``b``" holds, from values over seeds.
-
-    The rule: with means ``m`` and sample standard deviations ``s`` over
-    seeds, each side's interval is ``m ± k·s`` (``k = 1`` by default).
-
-    * **inconclusive** when either side has fewer than ``min_seeds`` values,
-      when the two intervals overlap (touching counts as overlap), or when the
-      means differ by no more than ``margin`` (the smallest difference that
-      matters, in the metric's unit);
-    * otherwise **holds** when the means are ordered as claimed
-      (``direction="greater"``: mean(a) > mean(b); ``"less"``: mean(a) <
-      mean(b)) and **does not hold** when they are ordered the other way.
-
-    Non-finite values raise ``ValueError`` (decide first what a diverged run
-    counts as). ``numbers`` holds each side's mean, std and n and the difference.
-    """
-    if direction not in ("greater", "less"):
-        raise ValueError(f"direction={direction!r} is not one of: 'greater', 'less'")
-    a = _check_values(a, name_a, "compare")
-    b = _check_values(b, name_b, "compare")
-    ma, sa, na = mean_std(a)
-    mb, sb, nb = mean_std(b)
-    diff = ma - mb
-    numbers = {
-        "metric": metric,
-        name_a: {"mean": ma, "std": sa, "n": na},
-        name_b: {"mean": mb, "std": sb, "n": nb},
-        "difference": diff,
-        "k": k,
-        "margin": margin,
-    }
-    rel = ">" if direction == "greater" else "<"
-    sides = (
-        f"{metric}: {name_a} {_g(ma, digits)} ± {_g(sa, digits)} (n={na}) "
-        f"vs {name_b} {_g(mb, digits)} ± {_g(sb, digits)} (n={nb})"
-    )
-    if min(na, nb) < min_seeds:
-        return Verdict("inconclusive", f"{sides}; fewer than {min_seeds} seeds per side, no verdict", numbers)
-    overlap = (ma - k * sa) <= (mb + k * sb) and (mb - k * sb) <= (ma + k * sa)
-    if overlap:
-        return Verdict("inconclusive", f"{sides}; the mean ± {k:g}·std intervals overlap", numbers)
-    if abs(diff) <= margin:
-        text = f"{sides}; the difference {_g(diff, digits)} is within the margin {margin:g}"
-        return Verdict("inconclusive", text, numbers)
-    as_claimed = diff > 0 if direction == "greater" else diff < 0
-    if as_claimed:
-        return Verdict("holds", f"{sides}; {name_a} {rel} {name_b} as claimed", numbers)
-    return Verdict("does not hold", f"{sides}; {name_a} is not {rel} {name_b}: the opposite of the claim", numbers)
-
-
-def threshold(
-    xs: Sequence[float],
-    bound: float,
-    direction: str = "greater",
-    *,
-    name: str = "value",
-    k: float = 1.0,
-    min_seeds: int = 2,
-    digits: int = 3,
-) -> Verdict:
-    """Decide whether values over seeds lie above (``"greater"``) or below (``"less"``) ``bound``.
-
-    Same rule as :func:`compare` with a fixed bound: holds when the whole
-    interval ``m ± k·s`` is on the claimed side of ``bound``, does not hold
-    when it is wholly on the other side, inconclusive when it contains
-    ``bound`` or there are fewer than ``min_seeds`` values.
-    """
-    if direction not in ("greater", "less"):
-        raise ValueError(f"direction={direction!r} is not one of: 'greater', 'less'")
-    xs = _check_values(xs, name, "threshold")
-    m, s, n = mean_std(xs)
-    lo, hi = m - k * s, m + k * s
-    numbers = {"metric": name, "mean": m, "std": s, "n": n, "bound": bound, "k": k}
-    rel = ">" if direction == "greater" else "<"
-    head = f"{name} {_g(m, digits)} ± {_g(s, digits)} (n={n})"
-    if n < min_seeds:
-        return Verdict("inconclusive", f"{head}; fewer than {min_seeds} seeds, no verdict", numbers)
-    above, below = lo > bound, hi < bound
-    if not (above or below):
-        return Verdict("inconclusive", f"{head}; the interval contains the bound {bound:g}", numbers)
-    if above == (direction == "greater"):
-        return Verdict("holds", f"{head} {rel} {bound:g} as claimed", numbers)
-    return Verdict("does not hold", f"{head} is not {rel} {bound:g}", numbers)
-
-
-def combine(verdicts: Sequence[Verdict] | Mapping[str, Verdict], summary: str | None = None) -> Verdict:
-    """A claim made of parts: holds if every part holds, does not hold if any part does not, else inconclusive.
-
-    ``numbers`` holds each part's numbers (by name for a mapping, by index for a list);
-    the summary joins the parts' summaries with " | " unless given.
-    """
-    items = list(verdicts.items()) if isinstance(verdicts, Mapping) else [(str(i), v) for i, v in enumerate(verdicts)]
-    if not items:
-        raise ValueError("combine needs at least one verdict")
-    statuses = [v.status for _, v in items]
-    if all(s == "holds" for s in statuses):
-        status = "holds"
-    elif any(s == "does not hold" for s in statuses):
-        status = "does not hold"
-    else:
-        status = "inconclusive"
-    if summary is None:
-        named = isinstance(verdicts, Mapping)
-        summary = " | ".join(f"{k}: {v.summary}" if named else v.summary for k, v in items)
-    return Verdict(status, summary, {k: {"status": v.status, **v.numbers} for k, v in items})
+    return f"{m:.{digits}g} ± {s:.{digits}g} (n={n})"
 
 
 def values(rows: Iterable[Mapping[str, Any]], metric: str, **where: Any) -> list[float]:
@@ -340,33 +213,27 @@ class Run:
         return TrainConfig(**kw)
 
 
-def _accepts(fn: Callable, n: int) -> bool:
-    """Whether ``fn`` takes at least ``n`` positional arguments."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= n or any(p.kind == p.VAR_POSITIONAL for p in params)
-
-
 @dataclass(frozen=True)
 class Experiment:
     """A claim as a runnable experiment (see the module docstring for each part's contract).
 
-    ``description`` should state, big_vision style, the command, the expected
-    runtime per scale and the expected result.
+    ``description`` is the module docstring: it opens with the claim's
+    pre-registration (a section headed "Pre-registration"), and states,
+    big_vision style, the command, the expected runtime per scale and the
+    expected result.
     """
 
     name: str  # registry key and folder name, e.g. "high-lr"
-    claim: str | None  # claim id from CLAIMS.md, e.g. "C1"; None for examples (kept out of the claims list)
+    claim: str | None  # claim id, e.g. "C1"; None for examples (kept out of the claims list)
     title: str  # one line
-    config: type  # the frozen config dataclass (with a `seeds: int` field)
+    config: type  # the frozen config dataclass (with `seeds`, `max_seeds` and `threads` fields)
     scales: Mapping[str, Any]  # "smoke" | "quick" | "full" -> an instance of `config`
     grid: Callable[[Any], Iterable[Mapping[str, Any]]]
     run_one: Callable[[Run], Mapping[str, Any]]
-    analyse: Callable[..., Verdict]
-    plot: Callable[..., list[Path]] | None = None
+    parts: Callable[[Any], Sequence[Part]]
+    plot: Callable[[list[dict[str, Any]], Path, Any], list[Path]] | None = None
+    measure: Callable[[list[dict[str, Any]], Any], list[dict[str, Any]]] | None = None
+    explain: Callable[[list[dict[str, Any]], Any, Judgement], tuple[str, Mapping[str, Any]]] | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -380,8 +247,10 @@ class Experiment:
             raise TypeError(
                 f"experiment {self.name!r}: config {self.config.__name__} must be frozen (@dataclass(frozen=True))"
             )
-        if "seeds" not in {f.name for f in dataclasses.fields(self.config)}:
-            raise TypeError(f"experiment {self.name!r}: config {self.config.__name__} needs a `seeds: int` field")
+        names = {f.name for f in dataclasses.fields(self.config)}
+        for need in ("seeds", "max_seeds", "threads"):
+            if need not in names:
+                raise TypeError(f"experiment {self.name!r}: config {self.config.__name__} needs a `{need}: int` field")
         if set(self.scales) != set(SCALES):
             raise ValueError(f"experiment {self.name!r}: scales must be exactly {SCALES}, got {tuple(self.scales)}")
         for s, c in self.scales.items():
@@ -393,20 +262,38 @@ class Experiment:
     def config_for(
         self, scale: str = "quick", overrides: Sequence[str] | Mapping[str, Any] = (), seeds: int | None = None
     ):
-        """The config at ``scale`` with ``overrides`` (``key=value``) and ``seeds`` applied; raises ConfigError."""
+        """The config at ``scale`` with ``overrides`` (``key=value``) and ``seeds`` applied; raises ConfigError.
+
+        ``seeds`` forces a fixed number of seeds: one look, no rounds.
+        """
         if scale not in self.scales:
             raise ConfigError(f"scale {scale!r} is not one of: {', '.join(SCALES)}")
         cfg = parse_overrides(self.scales[scale], overrides)
         if seeds is not None:
             if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
                 raise ConfigError(f"seeds must be a positive int, got {seeds!r}")
-            cfg = dataclasses.replace(cfg, seeds=seeds)
-        if cfg.seeds < 1:
-            raise ConfigError(f"seeds must be >= 1, got {cfg.seeds}")
+            cfg = dataclasses.replace(cfg, seeds=seeds, max_seeds=seeds)
+        if cfg.seeds < 1 or cfg.max_seeds < cfg.seeds:
+            raise ConfigError(f"need 1 <= seeds <= max_seeds, got seeds={cfg.seeds}, max_seeds={cfg.max_seeds}")
         return cfg
 
-    def runs(self, cfg) -> list[dict[str, Any]]:
-        """The run configurations of the sweep: every grid point × seeds 0..seeds-1, grid order, seeds inner."""
+    def plan(self, cfg) -> SeedPlan:
+        """Seeds in rounds of ``cfg.seeds`` up to ``cfg.max_seeds``."""
+        return SeedPlan.rounds(cfg.seeds, cfg.max_seeds)
+
+    def declared_parts(self, cfg) -> list[Part]:
+        """The parts declared for ``cfg``, checked: unique names and at least one deciding part."""
+        parts = list(self.parts(cfg))
+        if not parts or not any(p.decides for p in parts):
+            raise ValueError(f"experiment {self.name!r} declares no deciding part")
+        names = [p.name for p in parts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiment {self.name!r}: part names must be unique, got {names}")
+        return parts
+
+    def runs(self, cfg, n_seeds: int | None = None) -> list[dict[str, Any]]:
+        """The runs: every grid point × seeds ``0 .. n_seeds-1`` (default: the first look), seeds inner."""
+        n = cfg.seeds if n_seeds is None else n_seeds
         out = []
         for params in self.grid(cfg):
             params = dict(params)
@@ -414,21 +301,44 @@ class Experiment:
                 raise ValueError(
                     f"experiment {self.name!r}: grid points must not contain 'seed' (the framework adds the seeds)"
                 )
-            for seed in range(cfg.seeds):
-                out.append({**params, "seed": seed})
+            out.extend({**params, "seed": seed} for seed in range(n))
         return out
 
-    def call_analyse(self, rows: list[dict[str, Any]], cfg) -> Verdict:
-        verdict = self.analyse(rows, cfg) if _accepts(self.analyse, 2) else self.analyse(rows)
-        if not isinstance(verdict, Verdict):
-            raise TypeError(f"experiment {self.name!r}: analyse must return a Verdict, got {type(verdict).__name__}")
-        return verdict
+    @property
+    def preregistration(self) -> str:
+        """The module docstring's "Pre-registration" section ("" if it has none)."""
+        return preregistration(self.description)
 
-    def call_plot(self, rows: list[dict[str, Any]], out_dir: Path, cfg) -> list[Path]:
-        if self.plot is None:
-            return []
-        paths = self.plot(rows, out_dir, cfg) if _accepts(self.plot, 3) else self.plot(rows, out_dir)
-        return [Path(p) for p in (paths or [])]
+
+def preregistration(doc: str) -> str:
+    """The section of ``doc`` headed "Pre-registration" (a line of dashes under it), up to the next heading."""
+    lines = (doc or "").splitlines()
+    heading = lambda i: i + 1 < len(lines) and lines[i].strip() and set(lines[i + 1].strip()) == {"-"}  # noqa: E731
+    start = next((i for i in range(len(lines)) if heading(i) and lines[i].strip().lower() == "pre-registration"), None)
+    if start is None:
+        return ""
+    end = next((i for i in range(start + 2, len(lines)) if heading(i)), len(lines))
+    return "\n".join(lines[start + 2 : end]).strip()
+
+
+# modules not yet moved onto the verdict engine (transitional: emptied as each is ported)
+_NOT_PORTED = {
+    "high_lr",
+    "batch_size",
+    "small_batch_fixes",
+    "lr_vs_batch",
+    "momentum",
+    "regularisation",
+    "placement",
+    "bn_vs_ln",
+    "skipinit_depth",
+    "ics",
+    "smoothness",
+    "centering",
+    "residual_variance",
+    "residual_paths",
+    "saturation",
+}
 
 
 def _discover() -> None:
@@ -436,7 +346,7 @@ def _discover() -> None:
     import normlab.lab.experiments as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
-        if not (info.name.startswith("_") or info.name in ("framework", "verdicts")):
+        if not (info.name.startswith("_") or info.name in ("framework", "verdicts") or info.name in _NOT_PORTED):
             importlib.import_module(f"{pkg.__name__}.{info.name}")
 
 
@@ -466,6 +376,58 @@ def get_experiment(name: str) -> Experiment:
     return EXPERIMENTS.get(name)
 
 
+# --------------------------------------------------------------------------- verdicts
+
+
+SMOKE_NOTE = "smoke scale checks the plumbing only: this verdict means nothing about the claim"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A claim's outcome: the judgement of its parts, the experiment's own finding, and at which scale."""
+
+    judgement: Judgement
+    scale: str
+    finding: str = ""  # the experiment's own sentence (explain), may be ""
+    numbers: Mapping[str, Any] = field(default_factory=dict)  # extra JSON-able numbers from explain
+
+    @property
+    def status(self) -> str:
+        return self.judgement.status
+
+    @property
+    def meaningful(self) -> bool:
+        return self.scale != "smoke"
+
+    @property
+    def summary(self) -> str:
+        text = self.judgement.summary()
+        if self.finding:
+            text += f". {self.finding}"
+        return text if self.meaningful else f"[{SMOKE_NOTE}] {text}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "meaningful": self.meaningful,
+            "summary": self.summary,
+            "finding": self.finding,
+            **self.judgement.to_dict(),
+            "numbers": dict(self.numbers),
+        }
+
+
+def judge_rows(exp: Experiment, cfg, rows: list[dict[str, Any]], scale: str, plan: SeedPlan | None = None) -> Verdict:
+    """Judge ``exp``'s claim from its stored rows: measure, the parts under the plan, then the experiment's words."""
+    per_seed = exp.measure(rows, cfg) if exp.measure is not None else rows
+    judgement = judge(exp.declared_parts(cfg), per_seed, plan or exp.plan(cfg))
+    finding, numbers = exp.explain(rows, cfg, judgement) if exp.explain is not None else ("", {})
+    return Verdict(judgement, scale, " ".join(str(finding).split()), dict(numbers))
+
+
+# --------------------------------------------------------------------------- running
+
+
 @dataclass
 class ExperimentResult:
     """What :func:`run_experiment` did and found."""
@@ -481,42 +443,18 @@ class ExperimentResult:
     verdict_path: Path
     ran: list[str]  # run ids executed by this call
     skipped: list[str]  # run ids found complete in the store
+    wall_time: float = 0.0  # seconds for the whole call
 
 
 def _command(name: str, scale: str, seeds: int | None, overrides: Sequence[str] | Mapping[str, Any]) -> str:
+    """The shell command that reproduces a verdict, quoted so that pasting it runs nothing else."""
     parts = ["normlab", "run", name, "--scale", scale]
     if seeds is not None:
         parts += ["--seeds", str(seeds)]
     items = overrides.items() if isinstance(overrides, Mapping) else [tuple(o.split("=", 1)) for o in overrides]
     for kv in items:
         parts += ["--set", "=".join(str(x) for x in kv)]
-    return " ".join(parts)
-
-
-def analyse_stored(
-    name: str,
-    scale: str = "quick",
-    seeds: int | None = None,
-    overrides: Sequence[str] | Mapping[str, Any] = (),
-    root: str | Path = "runs",
-    *,
-    plot: bool = True,
-) -> tuple[Verdict, list[dict[str, Any]], list[Path]]:
-    """Re-analyse (and re-plot) a sweep from the run store only — never trains. Missing runs raise."""
-    exp = get_experiment(name)
-    cfg = exp.config_for(scale, overrides, seeds)
-    store = RunStore(root)
-    configs = exp.runs(cfg)
-    missing = [c for c in configs if not store.is_complete(exp.name, c)]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} of {len(configs)} runs of {exp.name!r} ({scale}) are not in {root}/; run them with "
-            f"{_command(exp.name, scale, seeds, overrides)}"
-        )
-    rows = [store.run(exp.name, c).row(with_metrics=True) for c in configs]
-    verdict = exp.call_analyse(rows, cfg)
-    figures = exp.call_plot(rows, Path(root) / exp.name / "figures", cfg) if plot else []
-    return verdict, rows, figures
+    return shlex.join(parts)
 
 
 def _stale_runs(runs) -> list:
@@ -536,20 +474,37 @@ def _stale_runs(runs) -> list:
 def _run_grid_point(
     name: str, scale: str, device: str, cfg: Any, progress: bool, run_config: dict[str, Any]
 ) -> Mapping[str, Any]:
-    """One run of experiment ``name`` (module-level: a process pool or Ray can ship it by name)."""
+    """One run of experiment ``name`` with ``cfg.threads`` torch threads (module-level: pools and Ray ship it)."""
+    import torch
+
     exp = get_experiment(name)
     params = {k: v for k, v in run_config.items() if k != "seed"}
-    return exp.run_one(Run(exp.name, scale, params, run_config["seed"], device, cfg, progress))
+    before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    try:
+        return exp.run_one(Run(exp.name, scale, params, run_config["seed"], device, cfg, progress))
+    finally:
+        torch.set_num_threads(before)
 
 
-def _run_env(name: str, claim: str | None, scale: str, device: str, run_config: dict[str, Any]) -> dict[str, Any]:
+def _run_env(
+    name: str, claim: str | None, scale: str, device: str, threads: int | None, run_config: dict[str, Any]
+) -> dict[str, Any]:
     from normlab.lab import launch
 
-    env = environment(device=device, seed=run_config["seed"], threads=run_config.get("threads"))
+    env = environment(device=device, seed=run_config["seed"], threads=threads)
     env.update(experiment=name, claim=claim, scale=scale)
     if launch.env_world_size() > 1:
         env["world_size"] = launch.env_world_size()
     return env
+
+
+def _machine() -> dict[str, Any]:
+    import os
+    import platform
+
+    return {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
 
 
 def run_experiment(
@@ -564,49 +519,50 @@ def run_experiment(
     executor: str = "sequential",
     workers: int | None = None,
     address: str | None = None,
+    write: bool = True,
 ) -> ExperimentResult:
-    """Run the experiment ``name`` at ``scale``: the missing runs, then analysis, figures and ``verdict.json``.
+    """Run the experiment ``name`` at ``scale`` in rounds of seeds until its claim is decided or the budget is spent.
 
-    ``seeds`` replaces the config's number of seeds; ``overrides`` are
-    ``key=value`` strings for the experiment's config; ``device`` is passed to
-    every run (it is recorded in ``env.json`` but is not part of the run id).
-    Runs already complete under ``<root>/<name>/`` are skipped, so an
-    interrupted call resumes. Writes ``<root>/<name>/verdict.json`` (status,
-    summary, numbers, scale, seeds, config, run ids, figures, command,
-    environment) and the figures under ``<root>/<name>/figures/``.
+    Each round runs the missing runs of the next look (grid × seeds ``0 ..
+    n-1``; stored runs are reused, so a second call with a larger budget only
+    adds seeds) and judges the claim; the call stops at the first look where
+    every deciding part is decided. ``seeds`` forces a fixed number of seeds
+    (one look). ``overrides`` are ``key=value`` strings for the experiment's
+    config; ``device`` is passed to every run (recorded in ``env.json``, not
+    part of the run id). Writes ``<root>/<name>/verdict.json`` and the figures
+    under ``<root>/<name>/figures/`` (unless ``write=False``).
 
     ``executor`` / ``workers`` / ``address`` choose where the runs run
     (``"sequential"``, a ``"local"`` process pool, or ``"ray"``); see
-    :func:`normlab.lab.executors.sweep`. Pool and Ray workers find the experiment by
-    name, so it must be registered in a module of ``normlab.lab.experiments``
-    (or imported by the workers). Under ``torchrun`` (several processes, one
-    training per run) only rank 0 writes the verdict and the figures.
+    :func:`normlab.lab.executors.sweep`. Under ``torchrun`` only rank 0 writes
+    the verdict and the figures.
     """
     from normlab.lab import launch
 
+    t0 = time.time()
     exp = get_experiment(name)
     cfg = exp.config_for(scale, overrides, seeds)
+    plan = exp.plan(cfg)
     store = RunStore(root)
     folder = store.root / exp.name
-    configs = exp.runs(cfg)
-
     run_fn = functools.partial(_run_grid_point, exp.name, scale, device, cfg, progress)
-    env_fn = functools.partial(_run_env, exp.name, exp.claim, scale, device)
-    desc = f"{exp.claim or ''} {exp.name}".strip()
+    env_fn = functools.partial(_run_env, exp.name, exp.claim, scale, device, cfg.threads)
     launch.join_from_env(device)  # torchrun: join once, with the backend of this device (nccl for CUDA)
     main = launch.is_main_process()
-    report = sweep(
-        store,
-        exp.name,
-        configs,
-        run_fn,
-        env_fn=env_fn,
-        progress=progress and main,
-        desc=desc,
-        executor=executor,
-        workers=workers,
-        address=address,
-    )
+    ran: list[str] = []
+    skipped: list[str] = []
+    for n in plan.looks:
+        desc = f"{exp.claim or ''} {exp.name} [{n} seeds]".strip()
+        report = sweep(
+            store, exp.name, exp.runs(cfg, n), run_fn, env_fn=env_fn, progress=progress and main, desc=desc,
+            executor=executor, workers=workers, address=address,
+        )  # fmt: skip
+        ran += report.ran
+        skipped += [r for r in report.skipped if r not in skipped]
+        rows = report.rows(with_metrics=True)
+        verdict = judge_rows(exp, cfg, rows, scale, plan)
+        if all(r.status != INCONCLUSIVE for r in verdict.judgement.deciding):
+            break  # every deciding part is decided: no more seeds
     stale = _stale_runs(report.runs)
     if stale and main:
         warnings.warn(
@@ -616,27 +572,28 @@ def run_experiment(
             RuntimeWarning,
             stacklevel=2,
         )
-    rows = report.rows(with_metrics=True)
-    verdict = exp.call_analyse(rows, cfg)
     verdict_path = folder / "verdict.json"
-    if not main:  # several processes (torchrun): rank 0 writes the figures and the verdict
-        return ExperimentResult(
-            exp.name, exp.claim, scale, cfg, verdict, rows, [], folder, verdict_path, report.ran, report.skipped
-        )
-    figures = exp.call_plot(rows, folder / "figures", cfg)
-    verdict_path = write_json_atomic(
+    if not (main and write):
+        return ExperimentResult(exp.name, exp.claim, scale, cfg, verdict, rows, [], folder, verdict_path,
+                                ran, skipped, time.time() - t0)  # fmt: skip
+    figures = list(exp.plot(rows, folder / "figures", cfg) if exp.plot is not None else [])
+    figures.append(forest_plot(verdict, folder / "figures", f"{exp.claim or ''} {exp.name}".strip()))
+    wall = time.time() - t0
+    used = sorted({int(r["seed"]) for r in rows})
+    write_json_atomic(
         verdict_path,
         {
             "experiment": exp.name,
             "claim": exp.claim,
             "title": exp.title,
             **verdict.to_dict(),
+            "preregistration": exp.preregistration,
             "scale": scale,
-            "seeds": cfg.seeds,
+            "seeds_used": used[: verdict.judgement.seeds],
             "config": dataclasses.asdict(cfg),
             "overrides": list(overrides.items()) if isinstance(overrides, Mapping) else list(overrides),
             "device": device,
-            "runs": [r.run_id for r in report.runs],
+            "runs": [r.run_id for r in report.runs if int(r.config()["seed"]) < verdict.judgement.seeds],
             "figures": [
                 str(Path(p).relative_to(folder)) if Path(p).is_relative_to(folder) else str(p) for p in figures
             ],
@@ -644,19 +601,180 @@ def run_experiment(
             "git_revision": git_revision(),
             "source_hash": source_hash(),
             "stale_runs": len(stale),
+            "machine": {**_machine(), "threads_per_run": cfg.threads},
+            "wall_time": wall,
+            "ran": len(ran),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     )
-    return ExperimentResult(
-        experiment=exp.name,
-        claim=exp.claim,
-        scale=scale,
-        config=cfg,
-        verdict=verdict,
-        rows=rows,
-        figures=figures,
-        folder=folder,
-        verdict_path=verdict_path,
-        ran=report.ran,
-        skipped=report.skipped,
-    )
+    return ExperimentResult(exp.name, exp.claim, scale, cfg, verdict, rows, [Path(p) for p in figures], folder,
+                            verdict_path, ran, skipped, wall)  # fmt: skip
+
+
+def analyse_stored(name: str, root: str | Path = "runs") -> Verdict:
+    """Re-judge a stored verdict from the run store only — never trains: the same config, seeds and plan."""
+    exp = get_experiment(name)
+    stored = read_json(Path(root) / exp.name / "verdict.json")
+    cfg = exp.config_for(stored["scale"], stored.get("overrides") or ())
+    cfg = dataclasses.replace(cfg, seeds=stored["config"]["seeds"], max_seeds=stored["config"]["max_seeds"])
+    store = RunStore(root)
+    configs = exp.runs(cfg, stored["seeds"])
+    missing = [c for c in configs if not store.is_complete(exp.name, c)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(configs)} runs of {exp.name!r} are not in {root}/")
+    rows = [store.run(exp.name, c).row(with_metrics=True) for c in configs]
+    return judge_rows(exp, cfg, rows, stored["scale"], SeedPlan(tuple(stored["looks"]), stored["alpha"]))
+
+
+def recheck_experiment(
+    name: str,
+    root: str | Path = "runs",
+    *,
+    threads: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    executor: str = "sequential",
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Rerun a stored verdict's seeds from scratch with another thread count; say whether every part decides alike.
+
+    The runs go to ``<root>/.recheck/<name>/`` (a separate store: threads are
+    not part of the run id), with the stored verdict's config and overrides,
+    its seeds and its plan up to those seeds, and ``threads`` (default: 2 if the
+    verdict used 1, else 1). The comparison is written into the stored
+    ``verdict.json`` under ``"recheck"`` and returned.
+    """
+    exp = get_experiment(name)
+    path = Path(root) / exp.name / "verdict.json"
+    stored = read_json(path)
+    used = int(stored["config"].get("threads") or 1)
+    threads = threads if threads is not None else (2 if used == 1 else 1)
+    pairs = [tuple(o) if isinstance(o, list) else tuple(str(o).split("=", 1)) for o in stored.get("overrides") or []]
+    overrides = {**dict(pairs), "threads": threads}
+    n = int(stored["seeds"])
+    t0 = time.time()
+    res = run_experiment(
+        exp.name, stored["scale"], n, overrides, device, Path(root) / ".recheck", progress,
+        executor=executor, workers=workers, write=False,
+    )  # fmt: skip
+    # the same procedure as the stored verdict: its config's rounds and alpha split, looks up to its seeds
+    cfg = dataclasses.replace(res.config, seeds=stored["config"]["seeds"], max_seeds=stored["config"]["max_seeds"])
+    again = judge_rows(exp, cfg, res.rows, stored["scale"], SeedPlan(tuple(stored["looks"]), stored["alpha"]))
+    before = {p["name"]: p["status"] for p in stored["parts"]}
+    after = {r.part.name: r.status for r in again.judgement.parts}
+    out = {
+        "threads": threads,
+        "threads_before": used,
+        "seeds": n,
+        "status_before": stored["status"],
+        "status_after": again.status,
+        "parts": {k: [before.get(k), after.get(k)] for k in before},
+        "same_claim": stored["status"] == again.status,
+        "same_parts": all(before.get(k) == after.get(k) for k in before),
+        "wall_time": time.time() - t0,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "summary_after": again.summary,
+    }
+    write_json_atomic(path, {**stored, "recheck": out})
+    return out
+
+
+def run_all(
+    scale: str = "quick",
+    root: str | Path = "runs",
+    *,
+    device: str = "auto",
+    progress: bool = True,
+    executor: str = "local",
+    workers: int | None = None,
+    recheck: bool = False,
+    on_result: Callable[[ExperimentResult], None] | None = None,
+) -> dict[str, Any]:
+    """Every registered claim at ``scale``, one after the other (each on ``executor``), then ``<root>/suite.json``.
+
+    With ``recheck=True`` each claim is also rechecked (:func:`recheck_experiment`)
+    right after its run; the recheck's time is counted apart from the suite's.
+    ``on_result`` is called with each :class:`ExperimentResult` as it is ready.
+    Returns what ``suite.json`` holds: per claim its status, seeds and wall time,
+    the counts of each status, and the total wall time of the runs.
+    """
+    t0 = time.time()
+    claims, recheck_time = [], 0.0
+    for name in experiment_names(include_examples=False):
+        res = run_experiment(
+            name, scale, root=root, device=device, progress=progress, executor=executor, workers=workers
+        )  # fmt: skip
+        if on_result is not None:
+            on_result(res)
+        entry = {
+            "experiment": res.experiment,
+            "claim": res.claim,
+            "status": res.verdict.status,
+            "seeds": res.verdict.judgement.seeds,
+            "wall_time": res.wall_time,
+            "ran": len(res.ran),
+        }
+        if recheck:
+            r0 = time.time()
+            out = recheck_experiment(name, root, device=device, progress=progress, executor=executor, workers=workers)
+            recheck_time += time.time() - r0
+            entry["recheck_same"] = bool(out["same_parts"] and out["same_claim"])
+        claims.append(entry)
+    wall = time.time() - t0 - recheck_time
+    counts = {s: sum(c["status"] == s for c in claims) for s in STATUSES}
+    suite = {
+        "scale": scale,
+        "claims": claims,
+        "counts": counts,
+        "wall_time": wall,
+        "recheck_wall_time": recheck_time if recheck else None,
+        "executor": executor,
+        "workers": workers,
+        "machine": _machine(),
+        "git_revision": git_revision(),
+        "source_hash": source_hash(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_json_atomic(Path(root) / "suite.json", suite)
+    return suite
+
+
+# --------------------------------------------------------------------------- the forest plot
+
+
+def forest_plot(verdict: Verdict, out_dir: str | Path, title: str) -> Path:
+    """Every part's interval against its margin band, in units of δ, oriented so the claimed side is to the right.
+
+    Deciding parts show the interval their decision used (its level in the
+    label), reported-only parts their 95 % interval. The band ``(−1, 1)`` is
+    "too small to matter"; a directional part holds when its interval lies right
+    of 0 and reaches 1, an "≈" part when it lies inside the band.
+    """
+    plt = pyplot()
+    rows = list(verdict.judgement.parts)
+    fig, ax = plt.subplots(figsize=(8.2, 0.55 * len(rows) + 1.5))
+    colours = {HOLDS: "#1a7f37", DOES_NOT_HOLD: "#c62828", INCONCLUSIVE: "#8a6d00"}
+    ax.axvspan(-1, 1, color="#d5d9df", alpha=0.5, lw=0, label="|effect| < δ (too small to matter)")
+    ax.axvline(0, color="k", lw=0.8)
+    for i, r in enumerate(reversed(rows)):
+        sign = -1.0 if r.part.direction == "less" else 1.0
+        lo, hi = sorted((sign * r.ci[0] / r.part.delta, sign * r.ci[1] / r.part.delta))
+        mid = sign * r.effect / r.part.delta
+        c = colours[r.status]
+        ax.plot([lo, hi], [i, i], color=c, lw=2.2 if r.part.decides else 1.2, ls="-" if r.part.decides else "--")
+        ax.plot([mid], [i], "o", color=c, ms=6 if r.part.decides else 4)
+        ax.text(1.01, i, f" {r.status}", transform=ax.get_yaxis_transform(), va="center", color=c, fontsize=8)
+    labels = [
+        f"{r.part.name} ({'decides' if r.part.decides else 'reported'}, {100 * r.level:.3g} %, n {r.n_a})"
+        for r in reversed(rows)
+    ]
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.set_xlabel("effect / δ   (claimed side →; '≈' parts: inside the band)")
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    xs = [abs(v) for r in rows for v in (r.ci[0] / r.part.delta, r.ci[1] / r.part.delta) if math.isfinite(v)]
+    lim = min(max([2.0, *xs]) * 1.1, 50)
+    ax.set_xlim(-lim, lim)
+    ax.legend(loc="lower left", fontsize=7, frameon=False)
+    ax.set_title(f"{title}: {verdict.status} ({verdict.judgement.seeds} seeds; rule v{RULE_VERSION})", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, "parts")
