@@ -101,6 +101,7 @@ __all__ = [
     "judge_arrays",
     "parts_digest",
     "arm_values",
+    "part_cells",
 ]
 
 RULE = "interval-vs-margin, Holm over parts, Bonferroni over looks"
@@ -414,6 +415,42 @@ def _detectable(part: Part, est: Estimate, level: float) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         q = stats.t.ppf(0.5 + level / 2, df) + stats.t.ppf(POWER, df)
     return q * est.se
+
+
+# --------------------------------------------------------------------------- display
+
+
+def _g(x: Any, digits: int = 3) -> str:
+    return f"{x:.{digits}g}" if isinstance(x, (int, float)) and math.isfinite(x) else str(x)
+
+
+def part_cells(p: Mapping[str, Any]) -> dict[str, str]:
+    """A stored part (:meth:`PartResult.to_dict`) as the strings every display shows.
+
+    Keys: ``part``, ``role`` (decides / reported), ``effect`` (a ratio ``×r``
+    for log-scale parts), ``interval`` (the one the decision used), ``level``,
+    ``ci95``, ``margin`` (``±δ`` or ``×δ``), ``n``, ``decision`` (with the
+    smallest detectable effect when inconclusive), ``says`` and ``why``.
+    """
+    sh, ratio = p["shown"], p.get("scale") == "log10 ratio"
+    x = "×" if ratio else ""
+    decision = str(p["status"])
+    if p["status"] == INCONCLUSIVE:
+        decision += f" (detectable ≥ {x}{_g(sh['detectable'])})"
+    n = str(p["n_a"]) if p["n_a"] == p["n_b"] else f"{p['n_a']}/{p['n_b']}"
+    return {
+        "part": str(p["name"]),
+        "role": "decides" if p.get("decides") else "reported",
+        "effect": f"{x}{_g(sh['effect'])}",
+        "interval": f"[{_g(sh['ci'][0])}, {_g(sh['ci'][1])}]",
+        "level": f"{100 * p['level']:.3g}%",
+        "ci95": f"[{_g(sh['ci95'][0])}, {_g(sh['ci95'][1])}]",
+        "margin": f"{'×' if ratio else '±'}{_g(sh['margin'])}",
+        "n": n,
+        "decision": decision,
+        "says": str(p.get("says", "")),
+        "why": str(p.get("why_margin", "")),
+    }
 
 
 # --------------------------------------------------------------------------- judging a claim
