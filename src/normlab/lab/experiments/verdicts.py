@@ -472,6 +472,27 @@ class PartResult:
     detectable: float  # smallest effect detectable at 80 % power at `level` (effect scale)
     note: str = ""  # why a deciding part was left undecided (Holm stopped before it), ...
 
+    @property
+    def seeds_to_decide(self) -> int | None:
+        """About how many seeds per arm would decide this part if the effect is what was observed (None if decided).
+
+        A planning figure, not a promise: the seeds at which the smallest
+        detectable effect shrinks to the observed one (to show it), or at
+        which the interval's half-width fits inside the margin beside it (to
+        show it is too small to matter), whichever is fewer.
+        """
+        if self.status != INCONCLUSIVE or not (self.detectable > 0 and math.isfinite(self.detectable)):
+            return None
+        n = self.n_a
+        eff, delta = abs(self.effect), self.part.delta
+        options = []
+        if self.part.direction != "equivalent" and eff > 0:
+            options.append(n * (self.detectable / eff) ** 2)
+        half = (self.ci[1] - self.ci[0]) / 2
+        if eff < delta and half > 0:
+            options.append(n * (half / (delta - eff)) ** 2)
+        return math.ceil(min(options)) if options else None
+
     def shown(self, x: float) -> float:
         """A value on the effect's scale as the reader sees it: a ratio for log parts."""
         return 10**x if self.part.log else x
@@ -498,6 +519,7 @@ class PartResult:
             "delta": self.part.delta,
             "why_margin": self.part.why,
             "detectable": self.detectable,
+            "seeds_to_decide": self.seeds_to_decide,
             "shown": {
                 "effect": self.shown(self.effect),
                 "ci": [self.shown(x) for x in self.ci],
