@@ -141,6 +141,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import is_lazy
 
 from normlab import layers as L
+from normlab._feed import batch_size, feed
 from normlab.layers.batchnorm import _BatchNormBase
 from normlab.layers.groupnorm import _InstanceNormBase
 
@@ -736,19 +737,8 @@ class _SwappedBuffers:
             m._buffers[name] = b
 
 
-def _run_batch(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Tensor):
-        return model(batch)
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        if len(batch) == 3 and isinstance(batch[2], Tensor) and batch[2].dtype == torch.bool:
-            return model(batch[0], mask=batch[2])  # (x, y, mask) as normlab.lab.data.Batches yields
-        return model(batch[0])  # (x, y): the first element is the input
-    raise TypeError(
-        f"audit: cannot feed a batch of type {type(batch).__name__} to the model; a batch is a tensor x, "
-        "(x, y), (x, y, mask) or a dict of keyword arguments; otherwise pass forward=lambda model, batch: model(...)"
-    )
+def _feed_audit(model: nn.Module, batch: Any) -> Any:
+    return feed(model, batch, who="audit")
 
 
 def _devices(model: nn.Module) -> list[int]:
@@ -1465,7 +1455,7 @@ def audit(
                 f"audit: {lazy[0] or 'the model'!r} is a lazy module that is not initialised yet; run one forward pass "
                 "first (the audit's own passes must not initialise it: that would change the model)"
             )
-        run = forward or _run_batch
+        run = forward or _feed_audit
         recorder = _Recorder(state.norms) if batches is not None else None
         hook_graph = _HookGraph(model, state.names) if graph is None else None
         try:
@@ -1482,7 +1472,7 @@ def audit(
                                 "that the batches fit the model, or pass forward=lambda model, batch: ..."
                             )
                         raise
-                    samples += _batch_size(batch)
+                    samples += batch_size(batch)
                     seen += 1
                     if hook_graph is not None:
                         hook_graph.stop()
@@ -1533,12 +1523,6 @@ def audit(
         findings=tuple(findings),
         notes=tuple(state.notes),
     )
-
-
-def _batch_size(batch: Any) -> int:
-    """Samples in a batch: axis 0 of its first tensor (0 if it holds none)."""
-    ts = _tensors(batch)
-    return int(ts[0].shape[0]) if ts and ts[0].dim() else 0
 
 
 # =========================================================================== command line
