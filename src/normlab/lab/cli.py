@@ -413,7 +413,7 @@ _DELEGATED = {
         "report_main",
         "build the HTML report from the run store (see normlab report --help)",
     ),
-    "audit": ("normlab._audit", "audit_main", "find normalisation pitfalls in a model (see normlab audit --help)"),
+    "audit": ("normlab.audit.cli", "audit_main", "find normalisation pitfalls in a model (see normlab audit --help)"),
 }
 
 
