@@ -5,9 +5,11 @@ third-party ("timm-style") classes recognised by name and attributes (a class
 whose name contains ``BatchNorm`` and that has ``running_mean``/``num_features``,
 ``InstanceNorm``, ``GroupNorm`` with ``num_groups``, ``LayerNorm``, ``RMSNorm``;
 a class with ``Frozen`` in its name, or normlab's ``frozen=True``, is a frozen
-BN that always uses its running statistics).
+BN that always uses its running statistics). The behavioural checks also take
+any module without submodules that has ``running_*`` buffers or a ``momentum``
+attribute, whatever its class is called.
 
-Two kinds of checks:
+Three kinds of checks:
 
 * **Static** — from the modules, their attributes and the module graph. The
   graph is traced with :mod:`torch.fx` (norm, dropout, conv and linear layers
@@ -19,13 +21,20 @@ Two kinds of checks:
   ``bias-before-norm`` can be reported although the bias is not redundant).
 * **Dynamic** — from the inputs the norm layers receive on a few ``batches``,
   measured by forward hooks while the model runs in the modes it is in.
+* **Behavioural** — what a norm layer *does*, not what its attributes say: at
+  its first call on the first batch, a deep copy of the layer is run on the
+  same input in training mode (in float64 when it allows) from known running
+  statistics, and then in eval mode (:mod:`~normlab.audit.behaviour`). Nothing
+  about a hand-written or third-party layer is trusted.
 
 Nothing in the model changes: during the forward passes every buffer of every
 module is swapped for a copy (so train-mode BN, or any layer that updates a
 buffer, updates the copy) and the originals are put back afterwards; the
 passes run under ``torch.no_grad()`` with the RNG state forked (dropout draws
 no numbers from the caller's generator); hooks are removed; no mode, flag,
-parameter or gradient is touched — also when the model raises.
+parameter or gradient is touched — also when the model raises. The
+behavioural checks run on deep copies (made without copying the model's hooks
+or autograd graphs), with their own forked RNG.
 
 What the model is audited *for* (``expect``) is the mode of the root module
 unless given: a model in ``eval()`` is checked as a model about to be
@@ -103,6 +112,28 @@ Checks (id — severity — what is computed, threshold and why):
 ``nonfinite-activations``    error     (batches) the first norm layer (in call order) whose input holds NaN/inf.
 ``single-value-groups``      error     (batches) a GroupNorm/InstanceNorm group holding one value per sample:
                                        it normalises to 0 and the output is β, whatever the input.
+``momentum-mismatch``        error     (batches) the measured weight of the new batch in ``running_mean``
+                                       (one training forward of a copy from known statistics) differs from
+                                       what the declared ``momentum`` means in PyTorch's convention (or the
+                                       layer's own ``momentum_convention``/``debias``; 0 if frozen) by more
+                                       than 1e-3 + 1 %; the likely cause is named (a decay-convention update
+                                       under a PyTorch-style attribute, an overwrite, no update, several).
+``buffer-autograd``          error     a floating buffer that requires grad or has a ``grad_fn``: in the
+                                       model as it is, or (batches) in a copy after a training forward whose
+                                       input requires grad. The update runs outside ``torch.no_grad()``: the
+                                       graph grows with each step, deepcopy fails, eval backward breaks.
+``running-var-biased``       info      (batches) ``running_var`` received the biased batch variance (/n),
+                                       PyTorch's name for the unbiased one (/(n-1)); decided when one of the
+                                       two is within a tenth of their distance.
+``affine-per-sample``        error     (batches) a parameter of a norm whose first axis has the batch's size
+                                       and whose entry 0 changes sample 0's output only: per sample, not per
+                                       normalised feature.
+``eval-per-position``        error     (batches) a layer with running statistics whose eval output does not
+                                       move with its input when the samples are shuffled and the other
+                                       non-feature axes rolled (relative change > 1e-9 in float64): the
+                                       statistics are broadcast against the wrong axis.
+``eval-batch-dependent``     error     (batches) a layer with running statistics whose eval output for the
+                                       first half of a batch changes when the other half is left out.
 ===========================  ========  ================================================================
 
 Not detected: statistics from the last micro-batch only. Under gradient
@@ -120,7 +151,8 @@ The package: :mod:`~normlab.audit.run` (``audit()``: the steps of one audit),
 :mod:`~normlab.audit.kinds` (what a layer is), :mod:`~normlab.audit.graph`
 (the module graph), :mod:`~normlab.audit.recording` (what is recorded while
 the model runs), :mod:`~normlab.audit.static` and :mod:`~normlab.audit.dynamic`
-(the checks), :mod:`~normlab.audit.cli` (``normlab audit``). ``normlab.audit``
+(the checks), :mod:`~normlab.audit.behaviour` (the probes of copies and
+their checks), :mod:`~normlab.audit.cli` (``normlab audit``). ``normlab.audit``
 is the function; import the rest from here, e.g.
 ``from normlab.audit import Thresholds``.
 """

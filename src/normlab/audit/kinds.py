@@ -47,10 +47,35 @@ def norm_kind(m: nn.Module) -> str | None:
         return "batch"
     if has("GroupNorm") and hasattr(m, "num_groups"):
         return "group"
-    if has("LayerNorm") and (hasattr(m, "normalized_shape") or hasattr(m, "weight")):
+    if has("LayerNorm") and (hasattr(m, "normalized_shape") or hasattr(m, "weight") or _leaf_with_state(m)):
         return "layer"
-    if has("RMSNorm") and (hasattr(m, "normalized_shape") or hasattr(m, "weight")):
+    if has("RMSNorm") and (hasattr(m, "normalized_shape") or hasattr(m, "weight") or _leaf_with_state(m)):
         return "rms"
+    return None
+
+
+def _leaf_with_state(m: nn.Module) -> bool:
+    """No submodules, and parameters or buffers of its own (a hand-written layer: S2's LayerNorm has ``gamma``)."""
+    own = [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+    return bool(own) and not any(True for _ in m.children())
+
+
+def looks_like_norm(m: nn.Module) -> bool:
+    """A norm layer for the behavioural checks: a recognised kind (:func:`norm_kind`), or a module without
+    submodules that has ``running_*`` buffers or a ``momentum`` attribute, whatever its class is called."""
+    if norm_kind(m) is not None:
+        return True
+    if any(True for _ in m.children()):
+        return False
+    return any(name.startswith("running_") for name, _ in m.named_buffers(recurse=False)) or hasattr(m, "momentum")
+
+
+def feature_axis(m: nn.Module, x: Tensor, size: int) -> int | None:
+    """The axis of ``x`` that holds ``size`` features: the layer's ``_feature_dim`` (normlab), else axis 1
+    (PyTorch's layout), else the last axis (channels-last, as (N, H, W, C)); None when none has that size."""
+    for axis in (getattr(m, "_feature_dim", 1), 1, -1):
+        if isinstance(axis, int) and -x.dim() <= axis < x.dim() and x.shape[axis] == size:
+            return axis % x.dim()
     return None
 
 

@@ -33,7 +33,12 @@ def feature_moments(m: nn.Module, x: Tensor, mask: Tensor | None) -> tuple[Tenso
     """Per-feature (count, mean, sum of squared deviations) of a BN input, in float64, or None if unusable."""
     if x.dim() < 2:
         return None
-    dim = getattr(m, "_feature_dim", 1) % x.dim()
+    return moments_along(x, getattr(m, "_feature_dim", 1) % x.dim(), mask)
+
+
+def moments_along(x: Tensor, dim: int, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Per-feature (count, mean, sum of squared deviations) over every axis but ``dim`` (and over the positions
+    where a bool ``mask`` of ``x``'s shape without ``dim`` is True), in float64; None when no value is left."""
     xf = x.detach().movedim(dim, -1)  # (..., C)
     if mask is not None and mask.dtype == torch.bool and mask.shape == xf.shape[:-1]:
         xf = xf[mask]

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from normlab._feed import batch_size, feed
-from normlab.audit import dynamic, static
+from normlab.audit import behaviour, dynamic, static
 from normlab.audit.graph import HookGraph, fx_graph
 from normlab.audit.recording import Recorder, SwappedBuffers
 from normlab.audit.report import CHECKS, SEVERITY_RANK, AuditReport, Thresholds
@@ -108,6 +108,7 @@ def _run_batches(
     _refuse_uninitialised_lazy_modules(model)
     run = forward or _feed
     recorder = Recorder(state.norms) if record else None
+    prober = behaviour.Prober(state.norm_like) if record else None
     hook_graph = HookGraph(model, state.names) if state.graph is None else None
     seen = samples = 0
     try:
@@ -121,7 +122,7 @@ def _run_batches(
                 if hook_graph is not None:
                     hook_graph.stop()
     finally:
-        for hooks in (recorder, hook_graph):
+        for hooks in (recorder, prober, hook_graph):
             if hooks is not None:
                 hooks.remove()
     if hook_graph is not None and seen:
@@ -130,7 +131,7 @@ def _run_batches(
     if record:
         if seen == 0:
             raise ValueError("audit: `batches` yielded no batch; pass an iterable of model inputs, or None")
-        state.calls, state.batches, state.samples = recorder.calls, seen, samples
+        state.calls, state.probes, state.batches, state.samples = recorder.calls, prober.probes, seen, samples
 
 
 def _refuse_uninitialised_lazy_modules(model: nn.Module) -> None:
@@ -175,12 +176,19 @@ def _note_what_was_not_checked(state: AuditState, why_not_traced: str, *, have_b
             "record the graph with hooks: bias-before-norm, dropout-before-bn and dropout-always-on were not checked"
         )
     if not have_batches:
-        state.notes.append("no batches: the dynamic checks (statistics gap, batch size, activations) were not run")
+        state.notes.append(
+            "no batches: the dynamic checks (statistics gap, batch size, activations) and the behavioural checks "
+            "(measured EMA weight, buffers' autograd history after a training forward, per-sample parameters) "
+            "were not run"
+        )
 
 
 def _run_checks(state: AuditState) -> None:
-    """Every check, static ones first; ``check_untrained`` last, as it skips layers the dynamic checks compared."""
+    """Every check; ``check_untrained`` last, as it skips the layers the dynamic checks compared with data."""
     static.check_modes(state)
+    behaviour.check_buffer_autograd(state)
+    if state.batches:
+        behaviour.check_behaviour(state)  # before check_momentum: a measured contradiction replaces its findings
     static.check_momentum(state)
     static.check_buffers(state)
     static.check_groups(state)

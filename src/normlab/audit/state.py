@@ -3,12 +3,17 @@ and the findings and notes so far."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from normlab.audit.graph import Node
-from normlab.audit.kinds import norm_kind
+from normlab.audit.kinds import looks_like_norm, norm_kind
 from normlab.audit.recording import Calls
 from normlab.audit.report import Finding, Thresholds
+
+if TYPE_CHECKING:
+    from normlab.audit.behaviour import Probe
 
 
 class AuditState:
@@ -24,6 +29,7 @@ class AuditState:
         self.order = {name: i for i, name in enumerate(self.names.values())}
         self.norms = [m for m in self.names if norm_kind(m) is not None]
         self.bns = [m for m in self.norms if norm_kind(m) == "batch"]
+        self.norm_like = [m for m in self.names if looks_like_norm(m)]  # what the behavioural checks probe
         self.graph: list[Node] | None = None
         self.hook_graph = False  # the graph was recorded with forward hooks (torch.fx could not trace the model)
         self.calls: dict[nn.Module, Calls] = {}
@@ -32,6 +38,8 @@ class AuditState:
         self.findings: list[Finding] = []
         self.notes: list[str] = []
         self.compared: set[nn.Module] = set()  # BN layers whose running statistics were compared with data
+        self.probes: dict[nn.Module, Probe] = {}  # what the behavioural checks measured, per layer
+        self.momentum_contradicted: set[nn.Module] = set()  # measured EMA weight != the declared momentum's
 
     def add(
         self, check: str, severity: str, module: nn.Module | str, message: str, fix: str, related=(), **details

@@ -46,6 +46,8 @@ def check_momentum(state: AuditState) -> None:
     for m in state.bns:
         if getattr(m, "running_mean", None) is None:  # no running statistics (lazy ones count)
             continue
+        if m in state.momentum_contradicted:  # what the attribute says is not what the layer does: reported there
+            continue
         ew = declared_weight(m)
         if ew is None:
             continue
