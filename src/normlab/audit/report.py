@@ -48,7 +48,7 @@ CHECKS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Thresholds:
-    """The numbers the checks compare against (see the module docstring for why each is what it is)."""
+    """The numbers the checks compare against (the docstring of :mod:`normlab.audit` says why each is what it is)."""
 
     momentum_foreign: float = 0.9  # new-batch weight >= this: error, a Keras/Flax decay read as a PyTorch momentum
     momentum_high: float = 0.5  # new-batch weight > this: warning, the last two batches carry > 75 %

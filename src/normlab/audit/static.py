@@ -42,7 +42,9 @@ __all__ = [
 
 
 def check_momentum(state: AuditState) -> None:
-    th = state.th
+    """The declared momentum of every BN with running statistics: cumulative, another framework's convention,
+    or outside the usual range (layers whose measured update contradicts the attribute are reported by the
+    behavioural ``momentum-mismatch`` instead)."""
     for m in state.bns:
         if getattr(m, "running_mean", None) is None:  # no running statistics (lazy ones count)
             continue
@@ -65,167 +67,181 @@ def check_momentum(state: AuditState) -> None:
             )
             continue
         mom = float(m.momentum)
-        if conv == "torch" and w >= th.momentum_foreign:
-            state.add(
-                "momentum-convention",
-                "error",
-                m,
-                f"momentum={mom:g} in PyTorch's convention gives the newest batch a weight of {w:.0%}: the "
-                f"running statistics are essentially the last (micro-)batch's. {mom:g} is a Keras/Flax/TF "
-                "*decay* (the weight of the old value) carried over as a PyTorch momentum.",
-                f"momentum=normlab.functional.convert_momentum({mom:g}, to='torch')  # = {1 - mom:.3g}",
-                momentum=mom,
-                convention=conv,
-                new_batch_weight=w,
-            )
-        elif conv == "decay" and w >= th.momentum_foreign:
-            state.add(
-                "momentum-convention",
-                "error",
-                m,
-                f"momentum={mom:g} with momentum_convention='decay' keeps only {mom:.0%} of the old value, so "
-                f"the newest batch weighs {w:.0%}: {mom:g} is a PyTorch momentum read as a decay.",
-                f"momentum=normlab.functional.convert_momentum({mom:g}, to='decay')  # = {1 - mom:.3g}, "
-                "or momentum_convention='torch'",
-                momentum=mom,
-                convention=conv,
-                new_batch_weight=w,
-            )
-        elif w <= 0.0:
-            state.add(
-                "momentum-range",
-                "error",
-                m,
-                f"momentum={mom:g} ({conv} convention): the newest batch has weight 0, so the running "
-                "statistics never move from their current values.",
-                "a weight of the new batch between 0.001 and 0.1 (PyTorch's default is momentum=0.1); "
-                f"model = normlab.freeze(model, ['{state.names[m]}']) if fixed statistics are what you want",
-                momentum=mom,
-                convention=conv,
-                new_batch_weight=w,
-            )
-        elif w > th.momentum_high:
-            state.add(
-                "momentum-range",
-                "warning",
-                m,
-                f"momentum={mom:g} ({conv} convention) gives the newest batch a weight of {w:.0%}: the last "
-                f"two batches carry {1 - (1 - w) ** 2:.0%} of the running statistics, which are then noisy.",
-                "a weight of the new batch between 0.001 and 0.1 (PyTorch's default momentum=0.1)",
-                momentum=mom,
-                convention=conv,
-                new_batch_weight=w,
-            )
-        elif w < th.momentum_low:
-            state.add(
-                "momentum-range",
-                "warning",
-                m,
-                f"momentum={mom:g} ({conv} convention) gives the newest batch a weight of {w:.2g}: it takes "
-                f"about {math.log(20) / w:,.0f} batches to forget 95% of the starting values, so after a short "
-                "run (or fine-tuning) the statistics still describe the old weights or data.",
-                "a larger momentum, or normlab.recalibrate(model, loader) after training",
-                momentum=mom,
-                convention=conv,
-                new_batch_weight=w,
-            )
+        found = _momentum_finding(state, m, mom, conv, w)
+        if found is not None:
+            check, severity, message, fix = found
+            state.add(check, severity, m, message, fix, momentum=mom, convention=conv, new_batch_weight=w)
+
+
+def _momentum_finding(
+    state: AuditState, m: nn.Module, mom: float, conv: str, w: float
+) -> tuple[str, str, str, str] | None:
+    """(check, severity, message, fix) for a new-batch weight ``w`` from another convention or out of range."""
+    th = state.th
+    if conv == "torch" and w >= th.momentum_foreign:
+        return (
+            "momentum-convention",
+            "error",
+            f"momentum={mom:g} in PyTorch's convention gives the newest batch a weight of {w:.0%}: the "
+            f"running statistics are essentially the last (micro-)batch's. {mom:g} is a Keras/Flax/TF "
+            "*decay* (the weight of the old value) carried over as a PyTorch momentum.",
+            f"momentum=normlab.functional.convert_momentum({mom:g}, to='torch')  # = {1 - mom:.3g}",
+        )
+    if conv == "decay" and w >= th.momentum_foreign:
+        return (
+            "momentum-convention",
+            "error",
+            f"momentum={mom:g} with momentum_convention='decay' keeps only {mom:.0%} of the old value, so "
+            f"the newest batch weighs {w:.0%}: {mom:g} is a PyTorch momentum read as a decay.",
+            f"momentum=normlab.functional.convert_momentum({mom:g}, to='decay')  # = {1 - mom:.3g}, "
+            "or momentum_convention='torch'",
+        )
+    if w <= 0.0:
+        return (
+            "momentum-range",
+            "error",
+            f"momentum={mom:g} ({conv} convention): the newest batch has weight 0, so the running "
+            "statistics never move from their current values.",
+            "a weight of the new batch between 0.001 and 0.1 (PyTorch's default is momentum=0.1); "
+            f"model = normlab.freeze(model, ['{state.names[m]}']) if fixed statistics are what you want",
+        )
+    if w > th.momentum_high:
+        return (
+            "momentum-range",
+            "warning",
+            f"momentum={mom:g} ({conv} convention) gives the newest batch a weight of {w:.0%}: the last "
+            f"two batches carry {1 - (1 - w) ** 2:.0%} of the running statistics, which are then noisy.",
+            "a weight of the new batch between 0.001 and 0.1 (PyTorch's default momentum=0.1)",
+        )
+    if w < th.momentum_low:
+        return (
+            "momentum-range",
+            "warning",
+            f"momentum={mom:g} ({conv} convention) gives the newest batch a weight of {w:.2g}: it takes "
+            f"about {math.log(20) / w:,.0f} batches to forget 95% of the starting values, so after a short "
+            "run (or fine-tuning) the statistics still describe the old weights or data.",
+            "a larger momentum, or normlab.recalibrate(model, loader) after training",
+        )
+    return None
 
 
 def check_buffers(state: AuditState) -> None:
-    th = state.th
+    """Running statistics, γ and β of every norm layer: non-finite values first (the rest is meaningless then),
+    then γ (all zero, or dead channels), then the running variance (below eps, or exploding)."""
     for m in state.norms:
-        run = running_stats(m)
-        gamma = getattr(m, "weight", None)
-        beta = getattr(m, "bias", None)
-        bad = {}
-        for key, t in (
-            ("running_mean", run and run[0]),
-            ("running_var", run and run[1]),
-            ("weight", gamma),
-            ("bias", beta),
-        ):
-            if is_real(t) and t.is_floating_point():
-                k = int((~torch.isfinite(t.detach())).sum())
-                if k:
-                    bad[key] = k
-        negative = int((run[1].detach() < 0).sum()) if run is not None else 0
-        if bad or negative:
-            what = ", ".join(f"{k} ({v} of {buffer_numel(m, k)} non-finite)" for k, v in bad.items())
-            if negative:
-                what += (", " if what else "") + f"running_var ({negative} negative)"
-            state.add(
-                "nonfinite-buffers",
-                "error",
-                m,
-                f"{what}: every eval output of the affected channels is NaN/inf or meaningless. A NaN batch "
-                "in training (or an overflow in float16) entered the running statistics.",
-                "find the non-finite batch (normlab's BN layers skip such batches and count them in "
-                "num_nonfinite_batches); then normlab.recalibrate(model, loader) to rebuild the statistics",
-                nonfinite=bad,
-                negative_running_var=negative,
-            )
+        if _check_nonfinite_buffers(state, m):
             continue
-        per_channel = norm_kind(m) in ("batch", "group", "instance")
-        if per_channel and is_real(gamma) and gamma.dim() >= 1 and gamma.numel() > 1:
-            g = gamma.detach().abs().double().flatten()
-            if bool((g == 0).all()):
-                state.add(
-                    "zero-gamma",
-                    "info",
-                    m,
-                    "every γ of this layer is exactly 0, so it outputs β whatever its input: a zero-initialised "
-                    "residual branch (fine at initialisation; a dead branch if still so after training).",
-                    "nothing at initialisation; after training, check the layer's γ receives gradients",
-                    channels=g.numel(),
-                )
-            else:
-                med = float(g.median())
-                dead = (g < th.dead_gamma * med).nonzero().flatten().tolist() if med > 0 else []
-                if dead:
-                    state.add(
-                        "dead-channels",
-                        "warning",
-                        m,
-                        f"{len(dead)} of {g.numel()} channels have |γ| below {th.dead_gamma:g} x the layer's "
-                        f"median |γ| ({med:.3g}): they output the constant β and pass no signal or gradient.",
-                        "intended if channels were pruned on purpose; otherwise look for too strong weight decay "
-                        "on γ or a saturated input, and consider re-initialising these channels",
-                        channels=dead[:32],
-                        count=len(dead),
-                        median_abs_gamma=med,
-                    )
-        if run is not None and run[1].is_floating_point():
-            rv = run[1].detach().double().flatten()
-            eps = float(getattr(m, "eps", 1e-5) or 0.0)
-            low = (rv < eps).nonzero().flatten().tolist()
-            if low:
-                state.add(
-                    "dead-channels",
-                    "warning",
-                    m,
-                    f"{len(low)} of {rv.numel()} channels have a running variance below eps={eps:g}: their input "
-                    "was constant in training, and in eval any deviation from the running mean is multiplied "
-                    f"by up to 1/sqrt(eps) = {1 / math.sqrt(eps) if eps > 0 else float('inf'):.3g}.",
-                    "look for dead ReLUs or a constant input before this layer; normlab.recalibrate(model, "
-                    "loader) if the statistics are stale",
-                    channels=low[:32],
-                    count=len(low),
-                    eps=eps,
-                )
-            huge = (rv > th.exploding_var).nonzero().flatten().tolist()
-            if huge:
-                state.add(
-                    "exploding-channels",
-                    "warning",
-                    m,
-                    f"{len(huge)} of {rv.numel()} channels have a running variance above {th.exploding_var:g} "
-                    f"(largest {float(rv.max()):.3g}): the activations before this layer have blown up, and "
-                    "values that large overflow float16 (max 65504).",
-                    "lower the learning rate or clip gradients (normlab.adaptive_grad_clip_); check the input scaling",
-                    channels=huge[:32],
-                    count=len(huge),
-                    max_running_var=float(rv.max()),
-                )
+        _check_gamma(state, m)
+        _check_running_var(state, m)
+
+
+def _check_nonfinite_buffers(state: AuditState, m: nn.Module) -> bool:
+    """NaN/inf in the running statistics, γ or β, or a negative running variance; True if any was found."""
+    run = running_stats(m)
+    bad = {}
+    for key, t in (
+        ("running_mean", run and run[0]),
+        ("running_var", run and run[1]),
+        ("weight", getattr(m, "weight", None)),
+        ("bias", getattr(m, "bias", None)),
+    ):
+        if is_real(t) and t.is_floating_point():
+            k = int((~torch.isfinite(t.detach())).sum())
+            if k:
+                bad[key] = k
+    negative = int((run[1].detach() < 0).sum()) if run is not None else 0
+    if not bad and not negative:
+        return False
+    what = ", ".join(f"{k} ({v} of {buffer_numel(m, k)} non-finite)" for k, v in bad.items())
+    if negative:
+        what += (", " if what else "") + f"running_var ({negative} negative)"
+    state.add(
+        "nonfinite-buffers",
+        "error",
+        m,
+        f"{what}: every eval output of the affected channels is NaN/inf or meaningless. A NaN batch "
+        "in training (or an overflow in float16) entered the running statistics.",
+        "find the non-finite batch (normlab's BN layers skip such batches and count them in "
+        "num_nonfinite_batches); then normlab.recalibrate(model, loader) to rebuild the statistics",
+        nonfinite=bad,
+        negative_running_var=negative,
+    )
+    return True
+
+
+def _check_gamma(state: AuditState, m: nn.Module) -> None:
+    """A per-channel γ that is exactly 0 everywhere (zero-gamma), or channels whose |γ| is ~0 (dead-channels)."""
+    gamma = getattr(m, "weight", None)
+    per_channel = norm_kind(m) in ("batch", "group", "instance")
+    if not (per_channel and is_real(gamma) and gamma.dim() >= 1 and gamma.numel() > 1):
+        return
+    g = gamma.detach().abs().double().flatten()
+    if bool((g == 0).all()):
+        state.add(
+            "zero-gamma",
+            "info",
+            m,
+            "every γ of this layer is exactly 0, so it outputs β whatever its input: a zero-initialised "
+            "residual branch (fine at initialisation; a dead branch if still so after training).",
+            "nothing at initialisation; after training, check the layer's γ receives gradients",
+            channels=g.numel(),
+        )
+        return
+    th = state.th
+    med = float(g.median())
+    dead = (g < th.dead_gamma * med).nonzero().flatten().tolist() if med > 0 else []
+    if dead:
+        state.add(
+            "dead-channels",
+            "warning",
+            m,
+            f"{len(dead)} of {g.numel()} channels have |γ| below {th.dead_gamma:g} x the layer's "
+            f"median |γ| ({med:.3g}): they output the constant β and pass no signal or gradient.",
+            "intended if channels were pruned on purpose; otherwise look for too strong weight decay "
+            "on γ or a saturated input, and consider re-initialising these channels",
+            channels=dead[:32],
+            count=len(dead),
+            median_abs_gamma=med,
+        )
+
+
+def _check_running_var(state: AuditState, m: nn.Module) -> None:
+    """Channels whose running variance is below eps (dead-channels) or above 1e6 (exploding-channels)."""
+    run = running_stats(m)
+    if run is None or not run[1].is_floating_point():
+        return
+    th = state.th
+    rv = run[1].detach().double().flatten()
+    eps = float(getattr(m, "eps", 1e-5) or 0.0)
+    low = (rv < eps).nonzero().flatten().tolist()
+    if low:
+        state.add(
+            "dead-channels",
+            "warning",
+            m,
+            f"{len(low)} of {rv.numel()} channels have a running variance below eps={eps:g}: their input "
+            "was constant in training, and in eval any deviation from the running mean is multiplied "
+            f"by up to 1/sqrt(eps) = {1 / math.sqrt(eps) if eps > 0 else float('inf'):.3g}.",
+            "look for dead ReLUs or a constant input before this layer; normlab.recalibrate(model, "
+            "loader) if the statistics are stale",
+            channels=low[:32],
+            count=len(low),
+            eps=eps,
+        )
+    huge = (rv > th.exploding_var).nonzero().flatten().tolist()
+    if huge:
+        state.add(
+            "exploding-channels",
+            "warning",
+            m,
+            f"{len(huge)} of {rv.numel()} channels have a running variance above {th.exploding_var:g} "
+            f"(largest {float(rv.max()):.3g}): the activations before this layer have blown up, and "
+            "values that large overflow float16 (max 65504).",
+            "lower the learning rate or clip gradients (normlab.adaptive_grad_clip_); check the input scaling",
+            channels=huge[:32],
+            count=len(huge),
+            max_running_var=float(rv.max()),
+        )
 
 
 def check_groups(state: AuditState) -> None:
