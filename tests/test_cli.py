@@ -362,8 +362,9 @@ def test_without_the_lab_extra_commands_say_how_to_install_it(tmp_path):
 # --------------------------------------------------------------------------- progress, pipes, show
 
 
-def test_progress_to_a_pipe_is_whole_lines_with_elapsed_and_eta(tmp_path, capsys):
+def test_progress_to_a_pipe_is_whole_lines_with_elapsed_and_eta(tmp_path, capsys, monkeypatch):
     """Not a terminal (captured stderr): no carriage-return bar fragments; a line per finished run at most."""
+    monkeypatch.delenv("NORMLAB_PROGRESS", raising=False)
     for flag in ([], ["--no-progress"]):
         root = str(tmp_path / f"runs{len(flag)}")
         argv = ["run", "smoke-example", "--scale", "smoke", "--root", root, "--device", "cpu", *flag]
@@ -376,6 +377,26 @@ def test_progress_to_a_pipe_is_whole_lines_with_elapsed_and_eta(tmp_path, capsys
         pattern = r"smoke-example: ([1-4])/4 runs ran=\d stored=\d, elapsed (\d+s|\dm\d\ds), ETA (\d+s|\dm\d\ds|\?)"
         assert all(re.fullmatch(pattern, l) for l in lines), lines
         assert lines[-1].startswith("smoke-example: 4/4 runs ran=4 stored=0") and lines[-1].endswith("ETA 0s")
+
+
+def test_no_progress_on_a_terminal_gives_lines_instead_of_bars(tmp_path, monkeypatch, capsys):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NORMLAB_PROGRESS", raising=False)
+    for flag, bars in (([], True), (["--no-progress"], False)):
+        term = Terminal()
+        monkeypatch.setattr(sys, "stderr", term)
+        root = str(tmp_path / f"runs{len(flag)}")
+        assert main(["run", "smoke-example", "--scale", "smoke", "--root", root, "--device", "cpu", *flag]) == 0
+        err = term.getvalue()
+        assert ("\r" in err) == bars and ("| 4/4 [" in err) == bars  # tqdm's bar, or none
+        assert (err.splitlines()[-1].startswith("smoke-example: 4/4 runs ran=4")) != bars  # a line per run instead
+    assert "NORMLAB_PROGRESS" not in os.environ  # --no-progress is scoped to its command
+    capsys.readouterr()
 
 
 def test_closed_pipe_is_quiet(tmp_path):
