@@ -511,8 +511,13 @@ def test_a_copy_that_raises_skips_the_behavioural_checks_with_a_note():
 # --------------------------------------------------------------------------- the README's example
 
 
-def _readme_block(section: str, marker: str, lang: str) -> str:
-    return re.search(rf"<!-- {marker} -->\s*```{lang}\n(.*?)```", section, re.S).group(1)
+def _readme_blocks(section: str) -> tuple[str, str, str]:
+    """The S2 example, its printed output and the fixed forward, found by the README's test directives."""
+    outputs = re.finditer(r"<!-- readme-test: output of the block above -->\s*```text\n(.*?)```", section, re.S)
+    output = next(m for m in outputs if "momentum-mismatch" in m.group(1))
+    example = list(re.finditer(r"```python\n(.*?)```", section[: output.start()], re.S))[-1]
+    fix = re.search(r"<!-- readme-test: skip: the fixed forward[^>]*-->\s*```python\n(.*?)```", section, re.S)
+    return example.group(1), output.group(1), fix.group(1)
 
 
 def _printed_by(code: str) -> str:
@@ -525,10 +530,10 @@ def _printed_by(code: str) -> str:
 def test_readme_s2_example_prints_what_the_readme_shows_and_the_fix_prints_nothing():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     section = readme[readme.index("## Auditing a model") :]
-    code = _readme_block(section, "audit-s2-example", "python")
-    assert _printed_by(code) == _readme_block(section, "audit-s2-output", "text").rstrip()
+    code, output, fix = _readme_blocks(section)
+    assert _printed_by(code) == output.rstrip()
     start, end = code.index("    def forward(self, x):"), code.index("\n\ntorch.manual_seed(0)")
-    fixed = code[:start] + _readme_block(section, "audit-s2-fix", "python") + code[end:]
+    fixed = code[:start] + fix + code[end:]
     assert _printed_by(fixed).splitlines()[1] == "no findings"
     with_torch = code.replace("BatchNorm(8)", "nn.BatchNorm2d(8)")
     assert _printed_by(with_torch).splitlines()[1] == "no findings"
