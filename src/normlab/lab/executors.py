@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from normlab.lab.progress import Progress
 from normlab.lab.provenance import environment
 from normlab.lab.store import CLAIM, RunStore, StoredRun, run_id
 
@@ -132,7 +133,7 @@ def sweep(
     run_fn: Callable[[Any], Mapping[str, Any]],
     *,
     env_fn: Callable[[Any], Mapping[str, Any]] | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
     desc: str | None = None,
     executor: str = "sequential",
     workers: int | None = None,
@@ -144,7 +145,9 @@ def sweep(
     ``run_fn(config) -> metrics`` runs one configuration; its metrics are
     stored under ``run_id(config)`` (``config`` must be JSON-able: a dict or
     a dataclass). ``env_fn(config)`` gives ``env.json`` (default:
-    :func:`environment`).
+    :func:`environment`). ``progress`` (True, or a mode of
+    :mod:`normlab.lab.progress`) shows a bar on a terminal and, anywhere else,
+    a line per finished run with the elapsed time and an ETA.
 
     Where the runs run (``executor``):
 
@@ -182,21 +185,15 @@ def sweep(
     ids = [run_id(c) for c in configs]
     if len(set(ids)) != len(ids):
         raise ValueError(f"sweep {experiment!r}: the configurations are not all different (duplicate run ids)")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(configs), desc=desc or experiment, unit="run")
+    bar = Progress(len(configs), desc or experiment, unit="run", progress=progress)
     status: dict[str, str] = {}
 
     def note(st: str, rid: str) -> None:
         if st == "busy":
             return
         status[rid] = st
-        if bar is not None:
-            bar.update(1)
-            ran = sum(v == "ran" for v in status.values())
-            bar.set_postfix(ran=ran, stored=len(status) - ran)
+        ran = sum(v == "ran" for v in status.values())
+        bar.update(1, timed=st == "ran", ran=ran, stored=len(status) - ran)
 
     try:
         if executor == "sequential":
@@ -212,8 +209,7 @@ def sweep(
                     str(store.root), experiment, todo, run_fn, env_fn, note, workers=workers, address=address, poll=poll
                 )
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     runs = [store.run(experiment, c) for c in configs]
     return SweepReport(
         runs,

@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normlab.lab.config import ConfigError, TrainConfig
+from normlab.lab.progress import TRAIN_INTERVAL, Progress
 from normlab.lab.runtime import resolve_device, tune_allocator
 
 __all__ = [
@@ -372,17 +373,18 @@ class _StepLog:
 def train(
     config: TrainConfig,
     *,
-    progress: bool = False,
+    progress: bool | str = False,
     callback: Callable[[TrainState], bool | None] | None = None,
     tune_malloc: bool = True,
 ) -> RunResult:
     """Train ``config.model`` with ``config.norm`` on ``config.dataset``; return a :class:`RunResult`.
 
     See the module docstring for the conventions (losses, accuracies,
-    divergence, determinism). ``progress`` shows a tqdm bar over the steps;
-    ``callback(state)`` is called after every step and every epoch (return
-    ``True`` to stop). ``tune_malloc=False`` leaves the C allocator alone (see
-    :func:`tune_allocator`).
+    divergence, determinism). ``progress`` shows a bar over the steps on a
+    terminal, elsewhere a line whenever no progress line was printed for 30 s
+    (see :mod:`normlab.lab.progress`). ``callback(state)`` is called after
+    every step and every epoch (return ``True`` to stop). ``tune_malloc=False``
+    leaves the C allocator alone (see :func:`tune_allocator`).
     """
     from normlab.lab import launch
     from normlab.lab.data import Batches
@@ -432,13 +434,17 @@ def train(
         epochs: list[dict[str, Any]] = []
         stopped = False
         step = 0
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=total_steps, desc=f"{config.model}/{config.norm} lr={config.lr:g}", unit="step", leave=False
-            )
+        bar = Progress(
+            total_steps,
+            f"{config.model}/{config.norm} lr={config.lr:g}",
+            unit="step",
+            progress=progress,
+            interval=TRAIN_INTERVAL,
+            own=False,
+            first=False,
+            last=False,
+            leave=False,
+        )
 
         for epoch in range(config.epochs):
             if step >= total_steps:
@@ -468,8 +474,7 @@ def train(
                 opt.step()
                 step += 1
                 log.add(logged, out, y, n)
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
                 if callback is not None:
                     stopped = bool(callback(TrainState("step", step, epoch, model, opt, config, loss=loss.detach())))
                 if (len(log.pending) >= config.sync_every and log.flush()) or stopped:
@@ -497,14 +502,14 @@ def train(
             record["time"] = train_time
             record["eval_time"] = time.perf_counter() - t1
             epochs.append(record)
-            if bar is not None:
-                bar.set_postfix(loss=f"{record['train_loss']:.3g}", test_acc=f"{test_acc:.3f}")
+            bar.set_postfix(
+                epoch=f"{epoch + 1}/{config.epochs}", loss=f"{record['train_loss']:.3g}", test_acc=f"{test_acc:.3f}"
+            )
             if callback is not None and callback(TrainState("epoch", step, epoch, model, opt, config, metrics=record)):
                 stopped = True
             if stopped or log.diverged_step is not None:
                 break
-        if bar is not None:
-            bar.close()
+        bar.close()
         return RunResult(
             config=config,
             step_loss=log.step_loss,

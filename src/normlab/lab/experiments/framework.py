@@ -351,12 +351,14 @@ _NOT_PORTED = {
 
 
 def _discover() -> None:
-    """Import every module of ``normlab.lab.experiments``, so that each registers its experiment."""
+    """Import every module of ``normlab.lab.experiments``, then the plugins, so that each registers its experiment."""
     import normlab.lab.experiments as pkg
+    from normlab.lab.plugins import load_plugins
 
     for info in pkgutil.iter_modules(pkg.__path__):
         if not (info.name.startswith("_") or info.name in ("framework", "verdicts") or info.name in _NOT_PORTED):
             importlib.import_module(f"{pkg.__name__}.{info.name}")
+    load_plugins()  # entry points of `normlab.plugins` and NORMLAB_IMPORT modules (pool and Ray workers too)
 
 
 EXPERIMENTS: Registry[Experiment] = Registry("experiment", discover=_discover)
