@@ -333,10 +333,6 @@ _NOT_PORTED = {
     "bn_vs_ln",
     "skipinit_depth",
     "ics",
-    "smoothness",
-    "centering",
-    "residual_variance",
-    "residual_paths",
     "saturation",
 }
 
