@@ -49,6 +49,7 @@ def test_smoke_path_end_to_end(tmp_path):
                 assert t == pytest.approx(c + dist**2, rel=1e-9)
         else:
             assert all(np.isnan(L["l1_gap"]))
+    assert not [k for r in res.rows for k in r if k.startswith(("data_kwargs", "data_dir", "threads"))]  # not in ids
     saved = json.loads((tmp_path / "centering" / "verdict.json").read_text())
     assert saved["status"] == res.verdict.status
     assert [p["name"] for p in saved["parts"] if p["decides"]] == ["centring-lowers-trace", "division-evens-updates"]

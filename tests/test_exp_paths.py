@@ -29,6 +29,7 @@ def test_smoke_path_end_to_end(tmp_path):
             assert len(r["measured_share"]) == cfg.net_depth and all(0 < p < 1 for p in r["measured_share"])
     top = next(r for r in res.rows if r["kind"] == "analytic" and r["d"] == CLAIM_DEPTH)
     assert top["share_at_15"] == pytest.approx(P.cumulative_share(P.bn_path_distribution(CLAIM_DEPTH))[15])
+    assert not [k for r in res.rows for k in r if k.startswith(("data_kwargs", "data_dir", "threads"))]  # not in ids
     saved = json.loads((tmp_path / "paths" / "verdict.json").read_text())
     assert saved["status"] == res.verdict.status
     assert [p["name"] for p in saved["parts"] if p["decides"]] == ["k97", "share15"]

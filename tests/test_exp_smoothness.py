@@ -31,6 +31,7 @@ def test_smoke_path_end_to_end(tmp_path):
     assert saved["status"] == res.verdict.status and saved["numbers"]["hessian_mode"] == "train"
     assert [p["name"] for p in saved["parts"] if p["decides"]] == ["beta-deep", "lambda-deep"]
     assert all(p["scale"] == "log10 ratio" for p in saved["parts"])
+    assert not [k for r in res.rows for k in r if k.startswith(("data_kwargs", "data_dir", "threads"))]  # not in ids
     assert res.figures and all(p.read_bytes()[:8] == PNG for p in res.figures)
     again = run_experiment("smoothness", scale="smoke", root=tmp_path, progress=False, device="cpu")
     assert again.ran == [] and len(again.skipped) == len(res.rows)

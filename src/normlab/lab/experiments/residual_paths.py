@@ -60,7 +60,9 @@ Reported parts (never deciding):
 
 **Seeds and budget** (quick): 3 seeds per round, at most 6 (the deciding
 parts are exact and decide at the first look; seeds only add Monte-Carlo
-paths and networks to the reported parts). Runtime: see *Design*.
+paths and networks to the reported parts). Measured on the 2-core CPU, one
+thread per run (``/usr/bin/time``, user + system): 12 s of CPU at 3 seeds,
+17 s at the full budget of 6.
 
 Design
 ------
