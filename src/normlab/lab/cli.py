@@ -238,21 +238,12 @@ def _print_verdict(result) -> None:
 
 def _parts_table(parts: list[dict]) -> list[str]:
     """The parts of a verdict as aligned rows: effect, interval and its level, δ, n, decision."""
+    from normlab.lab.experiments.verdicts import part_cells
 
-    def g(x) -> str:
-        return f"{x:.3g}" if isinstance(x, (int, float)) and math.isfinite(x) else str(x)
-
+    cols = ("part", "role", "effect", "interval", "level", "margin", "n", "decision")
     rows = [("part", "role", "effect", "interval", "level", "δ", "n", "decision")]
-    for p in parts:
-        sh, ratio = p["shown"], p["scale"] == "log10 ratio"
-        effect = ("×" if ratio else "") + g(sh["effect"])
-        interval = f"[{g(sh['ci'][0])}, {g(sh['ci'][1])}]"
-        margin = ("×" if ratio else "±") + g(sh["margin"])
-        n = str(p["n_a"]) if p["n_a"] == p["n_b"] else f"{p['n_a']}/{p['n_b']}"
-        role = "decides" if p["decides"] else "reported"
-        decision = p["status"] + (f" (detectable ≥ {g(sh['detectable'])})" if p["status"] == "inconclusive" else "")
-        rows.append((p["name"], role, effect, interval, f"{100 * p['level']:.3g}%", margin, n, decision))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    rows += [tuple(part_cells(p)[c] for c in cols) for p in parts]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols) - 1)]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
 
 

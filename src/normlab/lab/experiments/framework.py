@@ -101,6 +101,7 @@ __all__ = [
     "judge_rows",
     "forest_plot",
     "preregistration",
+    "split_preregistration",
     "mean_std",
     "fmt_mean_std",
     "values",
@@ -312,13 +313,21 @@ class Experiment:
 
 def preregistration(doc: str) -> str:
     """The section of ``doc`` headed "Pre-registration" (a line of dashes under it), up to the next heading."""
+    return split_preregistration(doc)[0]
+
+
+def split_preregistration(doc: str) -> tuple[str, str]:
+    """``(the Pre-registration section's text, the rest of doc)``; ``("", doc)`` when there is none."""
     lines = (doc or "").splitlines()
-    heading = lambda i: i + 1 < len(lines) and lines[i].strip() and set(lines[i + 1].strip()) == {"-"}  # noqa: E731
+
+    def heading(i: int) -> bool:
+        return i + 1 < len(lines) and bool(lines[i].strip()) and set(lines[i + 1].strip()) == {"-"}
+
     start = next((i for i in range(len(lines)) if heading(i) and lines[i].strip().lower() == "pre-registration"), None)
     if start is None:
-        return ""
+        return "", doc or ""
     end = next((i for i in range(start + 2, len(lines)) if heading(i)), len(lines))
-    return "\n".join(lines[start + 2 : end]).strip()
+    return "\n".join(lines[start + 2 : end]).strip(), "\n".join(lines[:start] + lines[end:])
 
 
 # modules not yet moved onto the verdict engine (transitional: emptied as each is ported)

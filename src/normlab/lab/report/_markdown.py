@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from normlab.lab.experiments.verdicts import part_cells
 from normlab.lab.report._html import _href
 from normlab.lab.report.builder import ReportData
 
@@ -34,25 +35,44 @@ def render_markdown(data: ReportData, base: Path, html_name: str = "report.html"
     if data.registry_problem:
         lines += [f"> **Warning:** {_cell(data.registry_problem)}", ""]
     lines += [
-        "| Claim | Experiment | Verdict | Key numbers (mean ± std over seeds) | Scale | Reproduce |",
+        "| Claim | Experiment | Verdict | Deciding parts: effect [interval] → decision | Scale | Reproduce |",
         "|---|---|---|---|---|---|",
     ]
     for e in data.entries:
         scale = f"{e.scale}, {e.seeds} seeds" if e.verdict is not None else "—"
+        cells = [part_cells(p) for p in e.parts if p.get("decides")]
+        parts = "; ".join(f"{c['part']}: {c['effect']} {c['interval']} → {c['decision']}" for c in cells) or e.summary
         lines.append(
-            f"| {_cell(e.label)} | {_cell(e.name)} | **{_cell(e.status)}** | {_cell(e.summary)} | {_cell(scale)} | `{_cell(e.command)}` |"
+            f"| {_cell(e.label)} | {_cell(e.name)} | **{_cell(e.status)}** | {_cell(parts)} | {_cell(scale)} "
+            f"| `{_cell(e.command)}` |"
         )
     for e in data.entries:
         lines += ["", f"## {e.label} {e.name}: {e.status}", ""]
         if e.title:
             lines += [f"*{e.title.strip()}*", ""]
-        lines += [f"- **Verdict:** {e.status} — {e.summary}"]
+        lines += [f"- **Verdict:** {e.status}" + (f" — {e.finding}" if e.finding else "")]
+        if not e.meaningful:
+            lines.append("- **Smoke scale:** checks the plumbing only; this verdict means nothing about the claim")
         if e.verdict is not None:
             lines.append(f"- **Scale:** {e.scale}, {e.seeds} seed(s); {e.stored_complete} complete runs stored")
         lines.append(f"- **Reproduce:** `{e.command}`")
-        lines.append(f"- **Source paper:** {e.paper if e.paper else 'no paper number'}")
-        for k in e.key_numbers:
-            lines.append(f"- {k.label}" + (f" ({k.metric})" if k.metric else "") + f": {k.text()}")
+        if e.recheck is not None:
+            same = e.recheck.get("same_parts") and e.recheck.get("same_claim")
+            lines.append(
+                f"- **Recheck** ({e.recheck.get('threads')} threads): {'same' if same else 'DIFFERENT'} decisions"
+            )
+        if e.parts:
+            lines += ["", "| part | role | effect | interval (level) | 95 % interval | δ | n | decision |",
+                      "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            for p in e.parts:
+                c = part_cells(p)
+                lines.append(
+                    f"| {_cell(c['part'])} | {c['role']} | {_cell(c['effect'])} | {_cell(c['interval'])} ({c['level']}) "
+                    f"| {_cell(c['ci95'])} | {_cell(c['margin'])} | {c['n']} | {_cell(c['decision'])} |"
+                )
+        if e.preregistration:
+            lines += ["", "<details><summary>Pre-registration</summary>", "", "```text", e.preregistration, "```",
+                      "", "</details>"]  # fmt: skip
         for n in e.notes:
             lines.append(f"- *Note:* {n}")
         for f in e.figures:

@@ -7,21 +7,11 @@ figures it lists, and the run folders' ``config.json`` / ``env.json`` /
 and docstrings, so that a registered claim with nothing stored shows as
 **not run**.
 
-The source paper's number for a claim is taken, in this order, from
-
-1. ``paper`` in the verdict's ``numbers`` (a string, or a dict whose
-   ``text``/``value``/``source`` entries are joined), as written by the
-   experiment's ``analyse``;
-2. a module-level ``PAPER`` string (or such a dict) in the experiment's module;
-3. a line of the experiment's docstring (``description``) that starts with
-   ``Paper:``, ``Paper number:``, ``Source paper:`` or ``In the paper:``
-   (continued by the following non-blank lines of the same paragraph), at
-   the start of a paragraph;
-4. else a docstring sentence ``Expected (<citation>): <result>`` whose
-   citation names a year, "et al", "paper" or "source" (the convention of
-   the claim modules: ``Expected (De & Smith 2020, Fig. 4): ...``);
-
-and is otherwise reported as "no paper number".
+What a claim's section shows comes from its ``verdict.json``: the
+pre-registration (the claim, its source, its declared parts and margins, as
+written in the experiment module's docstring when the verdict was made), every
+part's effect with its intervals against its margin, the decision, and the
+recheck with another thread count when one was made.
 """
 
 from __future__ import annotations
@@ -29,7 +19,6 @@ from __future__ import annotations
 import argparse
 import base64
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -50,12 +39,9 @@ __all__ = [
     "ReportError",
     "Figure",
     "RunFiles",
-    "KeyNumber",
     "Entry",
     "ReportData",
     "collect",
-    "key_numbers",
-    "paper_number",
     "build_report",
     "report_main",
 ]
@@ -67,11 +53,6 @@ _ENV_KEYS = (
     "normlab", "python", "torch", "numpy", "device", "cuda", "threads", "cpu_count",
     "processor", "platform", "git_revision", "hostname",
 )  # fmt: skip
-_PAPER_LINE = re.compile(r"^\s*(?:Paper number|Source paper|Paper|In the paper)\s*:\s*(.*)$")
-# "Expected (De & Smith 2020, Fig. 4): ..." -- a citation in parentheses, then the paper's result
-_EXPECTED = re.compile(
-    r"\bExpected\s*\(([^()]*(?:\d{4}|et al|paper|source)[^()]*)\)\s*:\s*(.+?)(?=\s(?:Command|Runtime)\b|$)"
-)
 
 
 class ReportError(Exception):
@@ -115,25 +96,6 @@ class RunFiles:
     files: list[Path] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class KeyNumber:
-    """A mean ± sample std over seeds found in a verdict's ``numbers``."""
-
-    label: str  # where it sits in ``numbers``, e.g. "bn" or "tiny batch / groupnorm"
-    metric: str | None
-    mean: float
-    std: float | None
-    n: int | None
-
-    def text(self, digits: int = 3) -> str:
-        s = _fmt_num(self.mean, digits)
-        if self.std is not None:
-            s += f" ± {_fmt_num(self.std, digits)}"
-        if self.n is not None:
-            s += f" (n={self.n})"
-        return s
-
-
 @dataclass
 class Entry:
     """Everything the report shows about one experiment."""
@@ -153,8 +115,6 @@ class Entry:
     stored_incomplete: int = 0
     env: dict[str, list[str]] = field(default_factory=dict)
     env_time: tuple[str, str] | None = None
-    paper: str | None = None
-    paper_source: str | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -194,8 +154,36 @@ class Entry:
         return n if isinstance(n, dict) else {}
 
     @property
-    def key_numbers(self) -> list[KeyNumber]:
-        return key_numbers(self.numbers)
+    def parts(self) -> list[dict[str, Any]]:
+        """The verdict's parts (deciding first, in declaration order): effect, intervals, margin, decision."""
+        parts = [] if self.verdict is None else self.verdict.get("parts")
+        if not isinstance(parts, list):
+            return []
+        ok = [p for p in parts if isinstance(p, dict) and isinstance(p.get("shown"), dict)]
+        return [p for p in ok if p.get("decides")] + [p for p in ok if not p.get("decides")]
+
+    @property
+    def preregistration(self) -> str:
+        """The pre-registration stored with the verdict, else the registered experiment's own."""
+        stored = None if self.verdict is None else self.verdict.get("preregistration")
+        if isinstance(stored, str) and stored.strip():
+            return stored
+        from normlab.lab.experiments.framework import preregistration
+
+        return preregistration(self.description)
+
+    @property
+    def meaningful(self) -> bool:
+        return self.verdict is None or self.verdict.get("meaningful", True) is not False
+
+    @property
+    def finding(self) -> str:
+        return "" if self.verdict is None else str(self.verdict.get("finding") or "")
+
+    @property
+    def recheck(self) -> dict[str, Any] | None:
+        r = None if self.verdict is None else self.verdict.get("recheck")
+        return r if isinstance(r, dict) else None
 
     @property
     def anchor(self) -> str:
@@ -245,38 +233,6 @@ def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def key_numbers(numbers: Mapping[str, Any]) -> list[KeyNumber]:
-    """Every ``{"mean": .., "std": .., "n": ..}`` in a verdict's ``numbers``, labelled by where it sits.
-
-    Handles what :func:`~normlab.lab.experiments.compare` (``{metric, A: {...}, B: {...}}``),
-    :func:`~normlab.lab.experiments.threshold` (``{metric, mean, std, n, bound}``) and
-    :func:`~normlab.lab.experiments.combine` (parts by name) write, and any nesting of them.
-    """
-    out: list[KeyNumber] = []
-
-    def walk(d: Mapping[str, Any], path: tuple[str, ...], metric: str | None) -> None:
-        if isinstance(d.get("metric"), str):
-            metric = d["metric"]
-        if _is_num(d.get("mean")):
-            std = d.get("std", d.get("spread"))
-            n = d.get("n")
-            out.append(
-                KeyNumber(
-                    " / ".join(path) if path else (metric or "value"),
-                    metric,
-                    float(d["mean"]),
-                    float(std) if _is_num(std) else None,
-                    int(n) if _is_num(n) else None,
-                )
-            )
-        for k, v in d.items():
-            if isinstance(v, Mapping):
-                walk(v, path + (str(k),), metric)
-
-    walk(numbers, (), None)
-    return out
-
-
 def _png_size(data: bytes) -> tuple[int, int] | None:
     """Width and height from a PNG's IHDR chunk, or None if ``data`` is not a PNG."""
     if len(data) < 24 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
@@ -297,66 +253,6 @@ def _read_figure(path: Path, name: str) -> Figure:
         return fig
     fig.data, (fig.width, fig.height) = data, size
     return fig
-
-
-def _paper_from_value(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value.strip() or None
-    if isinstance(value, Mapping):
-        parts = [str(value[k]) for k in ("text", "value", "source", "figure", "note") if value.get(k) not in (None, "")]
-        rest = {k: v for k, v in value.items() if k not in ("text", "value", "source", "figure", "note")}
-        parts += [f"{k}: {v}" for k, v in rest.items()]
-        return "; ".join(parts) or None
-    return str(value)
-
-
-def _paper_from_text(text: str) -> tuple[str | None, str | None]:
-    """A ``Paper: ...`` paragraph, else an ``Expected (citation): ...`` sentence run, from a docstring."""
-    text = inspect.cleandoc(text or "")
-    lines = text.splitlines()
-    for i, line in enumerate(lines):
-        m = _PAPER_LINE.match(line)
-        if m and (i == 0 or not lines[i - 1].strip()):  # only at the start of a paragraph
-            parts = [m.group(1).strip()]
-            for nxt in lines[i + 1 :]:
-                if not nxt.strip() or _PAPER_LINE.match(nxt):
-                    break
-                parts.append(nxt.strip())
-            found = " ".join(p for p in parts if p)
-            if found:
-                return found, "docstring"
-    for para in re.split(r"\n\s*\n", text):
-        flat = " ".join(para.split())
-        m = _EXPECTED.search(flat)
-        if m:
-            return f"{m.group(1).strip()}: {m.group(2).strip()}", "docstring (Expected)"
-    return None, None
-
-
-def paper_number(
-    experiment: Any = None, verdict: Mapping[str, Any] | None = None, description: str = ""
-) -> tuple[str | None, str | None]:
-    """The source paper's number for a claim and where it was found (see the module docstring), or ``(None, None)``."""
-    numbers = (verdict or {}).get("numbers") if verdict else None
-    if isinstance(numbers, Mapping) and numbers.get("paper") is not None:
-        found = _paper_from_value(numbers["paper"])
-        if found:
-            return found, "verdict numbers"
-    if experiment is not None:
-        seen = set()
-        for fn in (getattr(experiment, k, None) for k in ("run_one", "analyse", "grid", "plot")):
-            modname = getattr(fn, "__module__", None)
-            if not modname or modname in seen:
-                continue
-            seen.add(modname)
-            mod = sys.modules.get(modname)
-            for attr in ("PAPER", "PAPER_NUMBER"):
-                found = _paper_from_value(getattr(mod, attr, None)) if mod is not None else None
-                if found:
-                    return found, f"{modname}.{attr}"
-    return _paper_from_text(description or "")
 
 
 def _registry() -> tuple[list[Any], str | None]:
@@ -489,7 +385,6 @@ def _entry(store: RunStore, name: str, exp: Any | None) -> Entry:
         flat = flatten(rf.params) if rf.params else {}
         rf.params = {k: flat.get(k) for k in e.varying}
     e.env, e.env_time = _summarise_env(envs)
-    e.paper, e.paper_source = paper_number(exp, e.verdict, description)
     return e
 
 
