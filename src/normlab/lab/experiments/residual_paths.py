@@ -9,7 +9,7 @@ of ``d`` blocks into its ``2^d`` paths (one per subset of branches taken).
 With BN on each branch, the variance before block ``i`` is about ``i`` while
 the branch adds 1, so every path through branch ``i`` is scaled down by
 ``1/i`` in variance and long paths are suppressed: for a network of 10,000
-residual blocks about 97 % of the output variance comes from shallow paths
+residual blocks 97 % of the output variance comes from shallow paths
 through 15 or fewer branches.
 
 The quantity is exact in the paper's model: branch ``i`` carries the share
@@ -48,7 +48,7 @@ Reported parts (never deciding):
   train mode): the share of block ``i``'s output variance carried by its
   branch is measured, ``Var(branch_i) / Var(out_i)``; the mean path length of
   the path-length law of these measured shares (metric ``mean_length``) is
-  compared with the paper's model at the same depth, ``H_{d+1} - 1`` (4.19
+  compared with the paper's model at the same depth, ``H_{d+1} - 1`` (4.20
   for ``d = 100``), log scale, ≈ within ×1.25. Why: a **practical
   threshold** — a 25 % longer or shorter typical path would change which
   depths dominate visibly, less would not. Reported: CLAIMS.md C10 asks for
