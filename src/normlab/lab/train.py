@@ -36,8 +36,10 @@ Conventions
   itself (generation of synthetic sets, the ``n_train`` subset). On CUDA a
   few kernels are non-deterministic; nothing here forces deterministic ones.
 * Models reach norms only through ``norm_layer=`` (a registered name, or
-  ``functools.partial(make_norm, name, **norm_kwargs)``); sequence datasets
-  pass their padding mask as ``model(x, mask=mask)``.
+  ``functools.partial(make_norm, name, **norm_kwargs)``, or the class an
+  experiment passes as ``train(..., norm_layer=cls)`` for a layer it defines
+  without registering it); sequence datasets pass their padding mask as
+  ``model(x, mask=mask)``.
 * Several processes: launched by ``torchrun`` or ``normlab ... --nproc N``,
   ``train`` trains one model with DistributedDataParallel. ``batch_size`` is
   then the global batch (each process takes its slice), BN layers become
@@ -60,6 +62,7 @@ tune_malloc=False)`` is passed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -283,14 +286,17 @@ def _load_data(config: TrainConfig, device: torch.device) -> _Data:
     )
 
 
-def _build_model(config: TrainConfig, data: _Data, device: torch.device) -> nn.Module:
-    """``build_model`` with the norm given only as ``norm_layer`` (a name, or a partial of ``make_norm``)."""
+def _build_model(config: TrainConfig, data: _Data, device: torch.device, layer: Any = None) -> nn.Module:
+    """``build_model`` with the norm given only as ``norm_layer`` (a name, or a partial of ``make_norm``).
+
+    ``layer`` (a class or callable) replaces the registered ``config.norm``.
+    """
     from normlab.lab.models import build_model
     from normlab.registry import make_norm
 
-    norm_layer: Any = config.norm
+    norm_layer: Any = config.norm if layer is None else layer
     if config.norm_kwargs:
-        norm_layer = functools.partial(make_norm, config.norm, **config.norm_kwargs)
+        norm_layer = functools.partial(make_norm, norm_layer, **config.norm_kwargs)
     torch.manual_seed(config.seed)
     try:
         model = build_model(
@@ -376,6 +382,7 @@ def train(
     progress: bool | str = False,
     callback: Callable[[TrainState], bool | None] | None = None,
     tune_malloc: bool = True,
+    norm_layer: type | Callable[..., nn.Module] | None = None,
 ) -> RunResult:
     """Train ``config.model`` with ``config.norm`` on ``config.dataset``; return a :class:`RunResult`.
 
@@ -385,13 +392,19 @@ def train(
     (see :mod:`normlab.lab.progress`). ``callback(state)`` is called after
     every step and every epoch (return ``True`` to stop). ``tune_malloc=False``
     leaves the C allocator alone (see :func:`tune_allocator`).
+    ``norm_layer`` (a class or callable, as :func:`normlab.make_norm` accepts)
+    builds every norm layer in place of the registered ``config.norm``, which
+    then only labels the run and is not looked up: for a layer an experiment
+    defines without adding it to the registry.
     """
     from normlab.lab import launch
     from normlab.lab.data import Batches
 
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train() needs a TrainConfig, got {type(config).__name__}")
-    config.validate()
+    if norm_layer is not None and (isinstance(norm_layer, str) or not callable(norm_layer)):
+        raise TypeError(f"norm_layer must be a class or callable (a name goes in config.norm), got {norm_layer!r}")
+    (config if norm_layer is None else dataclasses.replace(config, norm="none")).validate()
     start = time.perf_counter()
     if tune_malloc:
         tune_allocator()
@@ -406,7 +419,7 @@ def train(
         torch.set_num_threads(config.threads)
     try:
         data = _load_data(config, device)
-        model = _build_model(config, data, device)
+        model = _build_model(config, data, device, norm_layer)
         num_params = sum(p.numel() for p in model.parameters())
         opt = _make_optimizer(config, model)
         net = dctx.wrap(model, sync_bn=config.sync_bn) if dctx is not None else model

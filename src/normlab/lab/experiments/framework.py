@@ -342,10 +342,6 @@ _NOT_PORTED = {
     "bn_vs_ln",
     "skipinit_depth",
     "ics",
-    "smoothness",
-    "centering",
-    "residual_variance",
-    "residual_paths",
     "saturation",
 }
 
@@ -569,7 +565,9 @@ def run_experiment(
             executor=executor, workers=workers, address=address,
         )  # fmt: skip
         ran += report.ran
-        skipped += [r for r in report.skipped if r not in skipped]
+        skipped += [
+            r for r in report.skipped if r not in skipped and r not in ran
+        ]  # earlier rounds' runs are not "stored"
         rows = report.rows(with_metrics=True)
         verdict = judge_rows(exp, cfg, rows, scale, plan)
         if all(r.status != INCONCLUSIVE for r in verdict.judgement.deciding):
