@@ -35,12 +35,26 @@ def stored_numbers(root: Path, experiment: str = "exp") -> dict[str, tuple]:
 # --------------------------------------------------------------------------- atomic writes
 
 
+def _reject(token):
+    raise AssertionError(f"non-standard JSON token {token!r}")
+
+
 def test_write_json_atomic_round_trip_including_non_finite(tmp_path):
-    p = write_json_atomic(tmp_path / "a" / "m.json", {"loss": [1.0, float("nan"), float("inf")], "t": (1, 2)})
-    back = json.loads(p.read_text())
-    assert back["t"] == [1, 2]
-    assert back["loss"][0] == 1.0 and math.isnan(back["loss"][1]) and back["loss"][2] == math.inf
+    loss = [1.0, float("nan"), float("inf"), -float("inf")]
+    p = write_json_atomic(tmp_path / "a" / "m.json", {"loss": loss, "t": (1, 2)})
+    strict = json.loads(p.read_text(), parse_constant=_reject)  # any strict parser reads it
+    assert strict["t"] == [1, 2] and strict["loss"] == [1.0, "NaN", "Infinity", "-Infinity"]
+    back = runs.read_json(p)  # and normlab reads the numbers back
+    assert back["loss"][0] == 1.0 and math.isnan(back["loss"][1]) and back["loss"][2:] == [math.inf, -math.inf]
+    assert [float(v) for v in strict["loss"][1:]][1:] == [math.inf, -math.inf]  # the strings are what float() reads
     assert [q.name for q in p.parent.iterdir()] == ["m.json"]  # no temp file left behind
+
+
+def test_files_from_older_stores_with_bare_nan_tokens_still_read(tmp_path):
+    p = tmp_path / "old.json"
+    p.write_text('{"loss": [1.0, NaN, Infinity]}')
+    back = runs.read_json(p)
+    assert math.isnan(back["loss"][1]) and back["loss"][2] == math.inf
 
 
 def test_interrupted_write_leaves_old_file_intact_and_no_temp(tmp_path, monkeypatch):

@@ -314,7 +314,11 @@ def cmd_show(args) -> int:
     store = RunStore(args.root)
     ref = Path(args.ref)
     for folder in (ref, store.root / ref):
-        if folder.is_dir() and not (folder / "config.json").is_file() and _is_experiment_folder(folder):
+        try:
+            experiment = folder.is_dir() and not (folder / "config.json").is_file() and _is_experiment_folder(folder)
+        except OSError:  # a name the file system refuses (too long, ...): not a folder
+            experiment = False
+        if experiment:
             return _show_experiment(folder)
     try:
         run = store.find(args.ref)
@@ -334,7 +338,7 @@ def cmd_show(args) -> int:
         for k, v in run.result().items():
             if k != "run_id":
                 print(f"  {k} = {_fmt(v)}")
-        epochs = run.metrics().get("epochs")
+        epochs = run.metrics().get("per_epoch")
         if args.epochs and isinstance(epochs, list) and epochs:
             wanted = ("epoch", "steps", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "time")
             cols = [c for c in wanted if c in epochs[0]]
@@ -356,7 +360,7 @@ def cmd_train(args) -> int:
     if args.device is not None:
         cfg = parse_overrides(cfg, [f"device={args.device}"])
     cfg.validate()
-    store = RunStore(args.root)
+    store = RunStore(args.root).ensure_writable()
     world = launch.env_world_size()
     # a run on several processes is stored apart from the single-process run (numbers agree only to rounding,
     # and not at all with sync_bn=false)
@@ -364,7 +368,7 @@ def cmd_train(args) -> int:
     stored = store.run(args.name, stored_config)
     main = launch.is_main_process()
     launch.join_from_env(cfg.device)
-    if launch.broadcast_object(stored.complete) and not args.force:
+    if launch.broadcast_object(store.complete_or_quarantine(stored) if main else None) and not args.force:
         if main:
             print(f"already stored (use --force to train again): {stored.path}")
     else:
@@ -433,9 +437,31 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _check_before_launch(args) -> None:
+    """Refuse bad settings once, here, before ``--nproc`` starts processes that would each print the error."""
+    from normlab.lab.runtime import check_cpus
+    from normlab.lab.store import RunStore
+
+    check_cpus("--nproc", args.nproc)
+    if args.command == "train":
+        from normlab.lab.config import TrainConfig, parse_overrides
+
+        cfg = parse_overrides(TrainConfig(), list(args.overrides))
+        if args.device is not None:
+            cfg = parse_overrides(cfg, [f"device={args.device}"])
+        check_cpus("threads", cfg.validate().threads)
+        RunStore(args.root).run(args.name, cfg.to_dict())
+    elif args.command == "run":
+        from normlab.lab.experiments import get_experiment
+
+        get_experiment(args.experiment).config_for(args.scale, list(args.overrides), args.seeds)
+    RunStore(args.root).ensure_writable()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: returns the exit status (0 ok, 2 for a usage error)."""
     from normlab.lab.config import ConfigError
+    from normlab.lab.store import StoreError
     from normlab.registry import RegistryError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -452,9 +478,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _check_executor(args)
             if launch.env_world_size() > 1:
                 raise _UsageError("--nproc inside an already distributed launch (torchrun); drop --nproc")
+            _check_before_launch(args)
             return launch.run_local(_without_nproc(argv), args.nproc)
         return _COMMANDS[args.command](args)
-    except (ConfigError, RegistryError, _UsageError) as e:
+    except (ConfigError, RegistryError, StoreError, _UsageError) as e:
         print(f"normlab {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
