@@ -235,3 +235,95 @@ def test_sweep_killed_mid_run_resumes_and_reruns_only_the_unfinished(tmp_path):
 def test_sweep_rejects_duplicate_configs(tmp_path):
     with pytest.raises(ValueError, match="duplicate"):
         sweep(tmp_path, "exp", [GRID[0], dict(GRID[0])], fake_run)
+
+
+# --------------------------------------------------------------------------- run data (issue 18)
+
+
+def _train_like_run(config: dict) -> dict:
+    """Metrics shaped like RunResult.to_metrics(): scalars, step_loss and per-epoch records (one diverged step)."""
+    epochs = [
+        {"epoch": e, "steps": 3 * (e + 1), "lr": config["lr"] / (e + 1), "train_loss": 1.0 / (e + 1), "test_acc": 0.5}
+        for e in range(config["epochs"])
+    ]
+    return {
+        "final_test_acc": 0.5 + config["seed"],
+        "diverged": config["seed"] == 1,
+        "min_step_loss": None,
+        "step_loss": [1.0, 0.5, float("inf")] if config["seed"] == 1 else [1.0, 0.5, 0.25],
+        "per_epoch": epochs,
+    }
+
+
+def test_load_curves_gives_long_format_rows_per_run_and_point(tmp_path):
+    configs = [
+        {"lr": 0.1, "epochs": 2, "norm": n, "model_kwargs": {"width": 4}, "seed": s} for n in "ab" for s in (0, 1)
+    ]
+    sweep(tmp_path, "exp", configs, _train_like_run)
+
+    rows = runs.load_curves(tmp_path, "exp")
+    assert len(rows) == sum(c["epochs"] for c in configs)  # one row per run and epoch
+    for c in configs:
+        mine = [r for r in rows if r["run_id"] == run_id(c)]
+        assert [r["epoch"] for r in mine] == list(range(c["epochs"]))
+        for r, want in zip(mine, _train_like_run(c)["per_epoch"]):
+            assert r["norm"] == c["norm"] and r["model_kwargs.width"] == 4 and r["epochs"] == c["epochs"]
+            assert r["lr"] == c["lr"] and r["per_epoch.lr"] == want["lr"]  # the epoch's lr does not hide the config's
+            assert r["train_loss"] == want["train_loss"] and r["steps"] == want["steps"]
+
+    steps = runs.load_curves(tmp_path, "exp", "step_loss")
+    assert len(steps) == 3 * len(configs) and {r["step"] for r in steps} == {0, 1, 2}
+    diverged = [r["step_loss"] for r in steps if r["seed"] == 1 and r["step"] == 2]
+    assert diverged == [math.inf, math.inf]  # non-finite values come back as floats
+
+    with pytest.raises(KeyError, match="no stored run has a curve 'nope'; curves stored: per_epoch, step_loss"):
+        runs.load_curves(tmp_path, "exp", "nope")
+
+
+def test_load_curves_frame_matches_pandas_own_reshaping_of_load_table(tmp_path):
+    pd = pytest.importorskip("pandas")
+    configs = [{"lr": lr, "epochs": 3, "seed": 0} for lr in (0.1, 0.2)]
+    sweep(tmp_path, "exp", configs, _train_like_run)
+    frame = runs.load_curves(tmp_path, "exp", as_frame=True)
+    # the independent route: the wide table with curves in cells, exploded and normalised by pandas itself
+    wide = load_table(tmp_path, "exp", with_metrics=True, as_frame=True).explode("per_epoch", ignore_index=True)
+    records = pd.json_normalize(wide["per_epoch"].tolist()).add_prefix("per_epoch.")
+    long = pd.concat([wide[["run_id", "lr"]], records], axis=1)
+    got = frame[["run_id", "lr", "epoch", "per_epoch.lr", "train_loss"]].reset_index(drop=True)
+    want = long[["run_id", "lr", "per_epoch.epoch", "per_epoch.lr", "per_epoch.train_loss"]]
+    want.columns = got.columns
+    pd.testing.assert_frame_equal(got, want, check_dtype=False)
+
+
+def test_per_epoch_records_do_not_collide_with_the_epochs_config_field(tmp_path, capsys):
+    from normlab.lab.cli import main
+
+    argv = ["train", "--root", str(tmp_path), "--no-progress", "--set", "dataset=digits", "model=mlp"]
+    assert main([*argv, "model_kwargs.width=8", "epochs=2", "device=cpu", "threads=1"]) == 0
+    (row,) = load_table(tmp_path, "train", with_metrics=True)
+    assert row["epochs"] == 2  # the config's count
+    assert [e["epoch"] for e in row["per_epoch"]] == [0, 1]  # the records, under their own name
+    assert not any(k.startswith("result.") for k in row)
+
+
+def test_a_store_written_before_the_rename_reads_its_epochs_as_per_epoch(tmp_path):
+    stored = RunStore(tmp_path).save("exp", {"epochs": 1, "seed": 0}, {"steps": 2, "epochs": [{"epoch": 0}]})
+    assert stored.metrics()["per_epoch"] == [{"epoch": 0}] and "epochs" not in stored.metrics()
+    assert runs.load_curves(tmp_path, "exp")[0]["epoch"] == 0
+
+
+def test_run_files_get_the_permissions_of_a_new_file_0644_under_umask_022(tmp_path):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        stored = RunStore(tmp_path).save("exp", {"a": 1}, {"v": 1.0}, env={"seed": 0})
+    finally:
+        os.umask(old)
+    from normlab import _io
+
+    want = 0o666 & ~_io._UMASK  # atomic_write uses the umask the process started with
+    for p in stored.path.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == want, p
+    if _io._UMASK == 0o022:
+        assert want == 0o644
