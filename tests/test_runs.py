@@ -327,3 +327,12 @@ def test_run_files_get_the_permissions_of_a_new_file_0644_under_umask_022(tmp_pa
         assert stat.S_IMODE(p.stat().st_mode) == want, p
     if _io._UMASK == 0o022:
         assert want == 0o644
+
+
+def test_env_records_the_device_used_not_auto():
+    import torch
+
+    used = "cuda" if torch.cuda.is_available() else "cpu"
+    env = environment(device="auto", seed=0)
+    assert env["device"] == used and env["device_requested"] == "auto"
+    assert "device_requested" not in environment(device="cpu")
