@@ -336,3 +336,71 @@ def test_env_records_the_device_used_not_auto():
     env = environment(device="auto", seed=0)
     assert env["device"] == used and env["device_requested"] == "auto"
     assert "device_requested" not in environment(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def cli_store(tmp_path_factory):
+    """A store written by the command line: smoke-example at smoke scale (device auto) and a diverging run."""
+    import contextlib
+    import io
+
+    from normlab.lab.cli import main
+
+    root = tmp_path_factory.mktemp("cli-store") / "runs"
+    tiny = ["dataset=digits", "model=mlp", "model_kwargs.width=8", "epochs=1", "device=cpu", "threads=1"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert (
+            main(
+                [
+                    "train",
+                    "--root",
+                    str(root),
+                    "--no-progress",
+                    "--set",
+                    *tiny,
+                    "norm=none",
+                    "lr=1e20",
+                    "divergence_loss=inf",
+                ]
+            )
+            == 0
+        )
+        assert main(["run", "smoke-example", "--scale", "smoke", "--root", str(root), "--no-progress"]) == 0
+    return root
+
+
+def test_every_stored_file_is_strict_json_and_reads_back_non_finite_numbers(cli_store):
+    files = sorted(cli_store.rglob("*.json"))
+    assert len(files) >= 5 * 4 + 1  # five runs of four files, and a verdict
+    for p in files:
+        json.loads(p.read_text(encoding="utf-8"), parse_constant=_reject)
+        assert p.stat().st_mode & 0o044 == 0o044  # readable by group and others (umask 022)
+    (diverged,) = load_table(cli_store, "train", with_metrics=True)
+    assert diverged["diverged"] is True
+    assert not math.isfinite(diverged["step_loss"][diverged["diverged_step"]])  # a float again, not a string
+    assert isinstance(diverged["final_train_loss"], float)
+    import torch
+
+    used = "cuda" if torch.cuda.is_available() else "cpu"
+    for r in RunStore(cli_store).runs("smoke-example"):  # run with the default device, auto
+        assert r.env()["device"] == used and r.env()["device_requested"] == "auto"
+
+
+def _readme_python_block(heading: str) -> str:
+    text = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    return text.split(f"\n{heading}\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_run_data_example_runs_on_a_real_store(cli_store, monkeypatch, capsys):
+    monkeypatch.chdir(cli_store.parent)  # the example reads "runs"
+    ns: dict = {}
+    exec(compile(_readme_python_block("### Run data"), "README.md (Run data)", "exec"), ns)
+    assert capsys.readouterr().out.strip()
+    # what it built, checked against the run files read with the json module alone
+    results = [json.loads(p.read_text()) for p in (cli_store / "smoke-example").glob("*/result.json")]
+    configs = [json.loads(p.read_text()) for p in (cli_store / "smoke-example").glob("*/config.json")]
+    assert len(results) == 4 and len(ns["runs"]) == 4
+    assert sorted(ns["runs"]["final_test_acc"]) == sorted(r["final_test_acc"] for r in results)
+    assert len(ns["curves"]) == sum(r["epochs_run"] for r in results)
+    assert len(ns["steps"]) == sum(r["steps"] for r in results)
+    assert set(ns["curves"]["norm"]) == {c["norm"] for c in configs}
