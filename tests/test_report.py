@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import re
@@ -276,7 +277,7 @@ def test_each_section_shows_what_was_measured_config_environment_and_verdict(bui
         exp = get_experiment(name)
         assert v["summary"] in text
         assert " ".join(exp.title.split()) in text
-        for key, value in v["config"].items():
+        for key in v["config"]:
             assert key in text
         run = RunStore(built.root).find(f"{name}/{v['runs'][0]}")
         env = run.env()
@@ -313,7 +314,10 @@ def test_paper_number_from_a_module_constant(monkeypatch):
     assert found == "97% of the variance from paths of <= 15 branches; De & Smith 2020, Fig. 3"
     assert where == "fake_claim_module.PAPER"
     # a docstring's "Expected (citation): ..." sentence is the fallback; "paper:" inside a paragraph is not
-    doc = "Claim.\n\nSome text that ends a line with the\npaper: not this one.\n\nExpected (De & Smith 2020, Fig. 4): Var grows like i.\n"
+    doc = (
+        "Claim.\n\nSome text that ends a line with the\npaper: not this one.\n\n"
+        "Expected (De & Smith 2020, Fig. 4): Var grows like i.\n"
+    )
     assert paper_number(None, None, doc) == ("De & Smith 2020, Fig. 4: Var grows like i.", "docstring (Expected)")
     assert paper_number(None, None, "Expected: BN >= none.") == (None, None)
 
@@ -337,24 +341,31 @@ def test_key_numbers_of_compare_threshold_and_combined_verdicts():
 # --------------------------------------------------------------------------- markdown
 
 
+def _md_text(md: str) -> str:
+    """What CommonMark shows for text without markup: backslash escapes and HTML entities resolved."""
+    return html.unescape(re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", md))
+
+
 def test_markdown_summary_lists_every_claim_with_verdict_numbers_and_command(built):
     md = built.md.read_text(encoding="utf-8")
     for name in experiment_names(include_examples=False):
         v = _stored_verdict(built.root, name)
         status = v["status"] if v else NOT_RUN
         line = next(l for l in md.splitlines() if l.startswith("| ") and f"| {name} |" in l)
-        assert f"**{status}**" in line
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]  # a table's cells: unescaped pipes
+        assert cells[2] == f"**{status}**"
         if v:
-            assert v["summary"].replace("|", "\\|") in line and f"`{v['command']}`" in line
+            assert _md_text(cells[3]) == v["summary"] and cells[5] == f"`{v['command']}`"
         else:
-            assert f"`normlab run {name} --scale quick`" in line
+            assert cells[5] == f"`normlab run {name} --scale quick`"
         assert f"## {get_experiment(name).claim} {name}: {status}" in md
     # figures are linked by relative paths that exist
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert len(images) == 5
     for rel in images:
         assert (built.md.parent / rel).is_file() and (built.md.parent / rel).read_bytes().startswith(PNG)
-    assert f"Source paper:** {fake.PAPER_TEXT}" in md and "Source paper:** no paper number" in md
+    shown = {_md_text(l) for l in md.splitlines()}
+    assert f"- **Source paper:** {fake.PAPER_TEXT}" in shown and "- **Source paper:** no paper number" in shown
 
 
 # --------------------------------------------------------------------------- reading only

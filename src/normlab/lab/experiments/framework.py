@@ -39,6 +39,7 @@ import inspect
 import math
 import pkgutil
 import re
+import shlex
 import statistics
 import time
 import warnings
@@ -486,13 +487,14 @@ class ExperimentResult:
 
 
 def _command(name: str, scale: str, seeds: int | None, overrides: Sequence[str] | Mapping[str, Any]) -> str:
+    """The shell command that reproduces the sweep, every word quoted (``shlex.join``): safe to paste."""
     parts = ["normlab", "run", name, "--scale", scale]
     if seeds is not None:
         parts += ["--seeds", str(seeds)]
     items = overrides.items() if isinstance(overrides, Mapping) else [tuple(o.split("=", 1)) for o in overrides]
     for kv in items:
         parts += ["--set", "=".join(str(x) for x in kv)]
-    return " ".join(parts)
+    return shlex.join(parts)
 
 
 def analyse_stored(
