@@ -885,6 +885,7 @@ def test_audit_main_on_a_dotted_module(factory_file, monkeypatch, capsys):
     [
         (["nets.py"], "PATH_OR_MODULE:FACTORY"),
         (["{dir}/missing.py:build"], "no such Python file"),
+        (["/etc/passwd:build"], "is not a Python file"),
         (["{file}:nope"], "no callable 'nope'"),
         (["{file}:not_a_model"], "must return a torch.nn.Module"),
         (["no_such_module_xyz:build"], "cannot import module"),

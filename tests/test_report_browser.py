@@ -133,7 +133,16 @@ def test_the_page_reads_fully_without_javascript(exe, report):
     assert page.network_requests == []
     for name in claims:
         assert name in page.text
-    for word in ("holds", "does not hold", "inconclusive", "not run", "Parts of the claim", "Pre-registration", "Environment", "Config"):
+    for word in (
+        "holds",
+        "does not hold",
+        "inconclusive",
+        "not run",
+        "Parts of the claim",
+        "Pre-registration",
+        "Environment",
+        "Config",
+    ):
         assert word in page.text
 
 

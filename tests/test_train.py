@@ -245,7 +245,7 @@ def test_parse_overrides_types_values():
         ("epochs=2.5", r"epochs='2.5' is not a valid int"),
         ("lr=fast", r"lr='fast' is not a valid float"),
         ("nesterov=maybe", r"nesterov='maybe' is not a valid bool"),
-        ("epochs=0", r"epochs must be >= 1"),
+        ("epochs=0", r"epochs must be in \[1, 1000000\], got 0"),
         ("device=gpu", r"device='gpu' is not one of: 'auto', 'cpu', 'cuda'"),
         ("lr", r"override 'lr' must look like key=value"),
         ("model_kwargs=[1]", r"not a valid JSON object"),

@@ -33,6 +33,8 @@ def _load_target(target: str) -> Callable[[], Any]:
             raise _UsageError(f"no such Python file: {where}")
         modname = f"_normlab_audit_target_{abs(hash(str(path.resolve())))}"
         spec = importlib.util.spec_from_file_location(modname, path)
+        if spec is None or spec.loader is None:  # e.g. /etc/passwd: not a file Python can import
+            raise _UsageError(f"{where} is not a Python file (name the .py file that defines {name})")
         module = importlib.util.module_from_spec(spec)
         sys.modules[modname] = module
         folder = str(path.resolve().parent)

@@ -655,10 +655,14 @@ def cmd_show(args) -> int:
 
         if args.ref in EXPERIMENTS:  # a claim id such as C4, or a name in any case
             candidates.append(store.root / EXPERIMENTS.canonical(args.ref))
-    except ImportError:
+    except (ImportError, TypeError):
         pass
     for folder in candidates:
-        if folder.is_dir() and not (folder / "config.json").is_file() and _is_experiment_folder(folder):
+        try:
+            experiment = folder.is_dir() and not (folder / "config.json").is_file() and _is_experiment_folder(folder)
+        except OSError:  # a name the file system refuses (too long, ...): not a folder
+            experiment = False
+        if experiment:
             return _show_experiment(folder)
     try:
         run = store.find(args.ref)
@@ -674,7 +678,7 @@ def cmd_show(args) -> int:
     if run.complete:
         print("result:")
         _print_mapping(run.result(), skip=("run_id",))
-        epochs = run.metrics().get("epochs")
+        epochs = run.metrics().get("per_epoch")
         if args.epochs and isinstance(epochs, list) and epochs:
             wanted = ("epoch", "steps", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "time")
             cols = [c for c in wanted if c in epochs[0]]
@@ -697,7 +701,7 @@ def cmd_train(args) -> int:
     if args.data_dir is not None:
         cfg = parse_overrides(cfg, {"data_kwargs": {**cfg.data_kwargs, "data_dir": args.data_dir}})
     cfg.validate()
-    store = RunStore(args.root)
+    store = RunStore(args.root).ensure_writable()
     world = launch.env_world_size()
     # a run on several processes is stored apart from the single-process run (numbers agree only to rounding,
     # and not at all with sync_bn=false)
@@ -705,7 +709,7 @@ def cmd_train(args) -> int:
     stored = store.run(args.name, stored_config)
     main = launch.is_main_process()
     launch.join_from_env(cfg.device)
-    if launch.broadcast_object(stored.complete) and not args.force:
+    if launch.broadcast_object(store.complete_or_quarantine(stored) if main else None) and not args.force:
         if main:
             print(f"already stored (use --force to train again): {stored.path}")
     else:
@@ -823,6 +827,27 @@ _SCOPED_ENV = (
 )  # progress.ENV_VAR, plugins.ENV_VAR  # set for this command (and its child processes) only
 
 
+def _check_before_launch(args) -> None:
+    """Refuse bad settings once, here, before ``--nproc`` starts processes that would each print the error."""
+    from normlab.lab.runtime import check_cpus
+    from normlab.lab.store import RunStore
+
+    check_cpus("--nproc", args.nproc)
+    if args.command == "train":
+        from normlab.lab.config import TrainConfig, parse_overrides
+
+        cfg = parse_overrides(TrainConfig(), list(args.overrides))
+        if args.device is not None:
+            cfg = parse_overrides(cfg, [f"device={args.device}"])
+        check_cpus("threads", cfg.validate().threads)
+        RunStore(args.root).run(args.name, cfg.to_dict())
+    elif args.command == "run":
+        from normlab.lab.experiments import get_experiment
+
+        get_experiment(args.experiment).config_for(args.scale, list(args.overrides), args.seeds)
+    RunStore(args.root).ensure_writable()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: returns the exit status (0 ok, 2 for a user error, 130 interrupted, 141 closed pipe)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -860,9 +885,10 @@ def _user_error(e: Exception) -> str | None:
     """The one-line message for an error the user can fix, or None for a bug (which keeps its traceback)."""
     from normlab.lab.config import ConfigError
     from normlab.lab.plugins import PluginError
+    from normlab.lab.store import StoreError
     from normlab.registry import RegistryError
 
-    if isinstance(e, (ConfigError, RegistryError, PluginError, _UsageError)):
+    if isinstance(e, (ConfigError, RegistryError, PluginError, StoreError, _UsageError)):
         return str(e)
     if isinstance(e, FileNotFoundError):  # data files, a run store, a file named on the command line
         return str(e)
@@ -894,6 +920,7 @@ def _main(argv: list[str], i: int) -> int:
             _check_executor(args)
         if launch.env_world_size() > 1:
             raise _UsageError("--nproc inside an already distributed launch (torchrun); drop --nproc")
+        _check_before_launch(args)
         return launch.run_local(_without_nproc(argv), args.nproc)
     return _COMMANDS[args.command](args)
 

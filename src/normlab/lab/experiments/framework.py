@@ -454,7 +454,7 @@ class ExperimentResult:
 
 
 def _command(name: str, scale: str, seeds: int | None, overrides: Sequence[str] | Mapping[str, Any]) -> str:
-    """The shell command that reproduces a verdict, quoted so that pasting it runs nothing else."""
+    """The shell command that reproduces the sweep, every word quoted (``shlex.join``): safe to paste."""
     parts = ["normlab", "run", name, "--scale", scale]
     if seeds is not None:
         parts += ["--seeds", str(seeds)]

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab._io import atomic_write
-from normlab.lab.store import CONFIG, ENV, METRICS, RESULT, RunStore, flatten, read_json
+from normlab.lab.store import CONFIG, ENV, METRICS, QUARANTINE, RESULT, RunStore, flatten, read_json
 
 __all__ = [
     "NOT_RUN",
@@ -91,6 +91,7 @@ class RunFiles:
     path: Path
     complete: bool
     exists: bool
+    problem: str | None = None  # a corrupt run: which file does not parse (the run does not count as complete)
     seed: Any = None
     params: dict[str, Any] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
@@ -113,6 +114,7 @@ class Entry:
     varying: list[str] = field(default_factory=list)  # config keys that differ across the verdict's runs
     stored_complete: int = 0
     stored_incomplete: int = 0
+    stored_corrupt: int = 0  # complete runs whose files do not parse (listed in ``notes``; re-run on resume)
     env: dict[str, list[str]] = field(default_factory=dict)
     env_time: tuple[str, str] | None = None
     notes: list[str] = field(default_factory=list)
@@ -126,6 +128,11 @@ class Entry:
     @property
     def summary(self) -> str:
         if self.verdict is None:
+            if self.stored_corrupt:
+                return (
+                    f"no verdict: {self.stored_complete} complete, {self.stored_incomplete} incomplete and "
+                    f"{self.stored_corrupt} CORRUPT runs stored (see the note)"
+                )
             if self.stored_complete or self.stored_incomplete:
                 return (
                     f"no verdict yet: {self.stored_complete} complete and {self.stored_incomplete} incomplete runs "
@@ -322,11 +329,26 @@ def _entry(store: RunStore, name: str, exp: Any | None) -> Entry:
         folder=folder,
     )
     all_runs = list(store.runs(name, complete_only=False)) if folder.is_dir() else []
-    e.stored_complete = sum(1 for r in all_runs if r.complete)
-    e.stored_incomplete = len(all_runs) - e.stored_complete
+    problems = {r.run_id: p for r in all_runs if r.complete and (p := r.problem()) is not None}
+    e.stored_corrupt = len(problems)
+    e.stored_complete = sum(1 for r in all_runs if r.complete) - e.stored_corrupt
+    e.stored_incomplete = len(all_runs) - e.stored_complete - e.stored_corrupt
     if e.stored_incomplete:
         e.notes.append(
-            f"{e.stored_incomplete} incomplete run folder(s) (no result.json: interrupted; the next `normlab run` redoes them)"
+            f"{e.stored_incomplete} incomplete run folder(s) "
+            "(no result.json: interrupted; the next `normlab run` redoes them)"
+        )
+    if problems:
+        rid, problem = next(iter(problems.items()))
+        e.notes.append(
+            f"{len(problems)} CORRUPT run(s), not counted as complete: {', '.join(problems)} (e.g. {rid}: {problem}); "
+            f"the next `normlab run` moves their files to {store.root / QUARANTINE / name}/ and runs them again"
+        )
+    quarantined = store.quarantined(name)
+    if quarantined:
+        e.notes.append(
+            f"{len(quarantined)} corrupt run folder(s) kept in {store.root / QUARANTINE / name}/ "
+            f"(set aside, never deleted; each holds reason.txt): {', '.join(p.name for p in quarantined[:5])}"
         )
 
     vpath = folder / "verdict.json"
@@ -344,7 +366,7 @@ def _entry(store: RunStore, name: str, exp: Any | None) -> Entry:
     by_id = {r.run_id: r for r in all_runs}
     if e.verdict is not None:
         ids = [str(i) for i in e.verdict.get("runs") or []]
-        missing = [i for i in ids if i not in by_id or not by_id[i].complete]
+        missing = [i for i in ids if i not in by_id or not by_id[i].complete or i in problems]
         if missing:
             e.notes.append(
                 f"{len(missing)} of the {len(ids)} runs this verdict was computed from are missing from the store "
@@ -362,13 +384,15 @@ def _entry(store: RunStore, name: str, exp: Any | None) -> Entry:
         for f in broken:
             e.notes.append(f"figure {f.path.name}: {f.problem}")
     else:
-        ids = [r.run_id for r in all_runs if r.complete]
+        ids = [r.run_id for r in all_runs if r.complete and r.run_id not in problems]
 
     configs, envs = [], []
     for rid in ids:
         r = by_id.get(rid)
         path = r.path if r is not None else folder / rid
-        rf = RunFiles(run_id=rid, path=path, complete=bool(r and r.complete), exists=path.is_dir())
+        problem = problems.get(rid)
+        complete = bool(r and r.complete) and problem is None
+        rf = RunFiles(run_id=rid, path=path, complete=complete, exists=path.is_dir(), problem=problem)
         if rf.exists:
             rf.files = [path / f for f in (CONFIG, ENV, METRICS, RESULT) if (path / f).is_file()]
             cfg, _ = _safe_json(path / CONFIG)
@@ -410,7 +434,7 @@ def _audit(root: Path) -> list[tuple[Path, Any]] | None:
 
 
 def collect(root: str | os.PathLike = "runs", *, experiments: Sequence[str] | None = None) -> ReportData:
-    """Read the run store at ``root``: one :class:`Entry` per registered experiment (claims first) and per stored verdict.
+    """Read the run store at ``root``: one :class:`Entry` per registered experiment (claims first), per stored verdict.
 
     ``experiments`` restricts the report to those names or claim ids. Raises
     :class:`ReportError` when ``root`` is not a folder or a name is unknown.
@@ -421,6 +445,11 @@ def collect(root: str | os.PathLike = "runs", *, experiments: Sequence[str] | No
     if not root.is_dir():
         raise ReportError(f"run store {str(root)!r} is not a folder")
     store = RunStore(root)
+    if not (store.looks_like_store() or any((root / AUDIT_FOLDER).glob("*.json"))):
+        raise ReportError(
+            f"{str(root)!r} is not a run store (no <experiment>/<run id>/config.json, verdict.json or audit/*.json "
+            "in it), so no report is written there; pass --root the folder `normlab run` writes to (default: runs)"
+        )
     registered, problem = _registry()
     by_name = {e.name: e for e in registered}
     stored = [n for n in store.experiments() if n != AUDIT_FOLDER]
@@ -433,13 +462,12 @@ def collect(root: str | os.PathLike = "runs", *, experiments: Sequence[str] | No
     for n in stored:
         if n in by_name:
             continue
-        if (root / n / "verdict.json").is_file():
-            names.append(n)
-        else:
-            runs = list(store.runs(n, complete_only=False))
-            if runs:
-                done = sum(1 for r in runs if r.complete)
-                other.append((n, done, len(runs) - done))
+        runs = list(store.runs(n, complete_only=False))
+        if (root / n / "verdict.json").is_file() or any(r.complete and r.problem() is not None for r in runs):
+            names.append(n)  # a section of its own: a verdict, or corrupt runs to list
+        elif runs:
+            done = sum(1 for r in runs if r.complete)
+            other.append((n, done, len(runs) - done))
 
     if experiments is not None:
         wanted: list[str] = []
