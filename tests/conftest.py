@@ -48,5 +48,4 @@ collect_ignore = [
     "test_exp_centering.py",
     "test_exp_residual_variance.py",
     "test_exp_paths.py",
-    "test_exp_saturation.py",
 ]

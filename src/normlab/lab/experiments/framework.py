@@ -337,7 +337,6 @@ _NOT_PORTED = {
     "centering",
     "residual_variance",
     "residual_paths",
-    "saturation",
 }
 
 
