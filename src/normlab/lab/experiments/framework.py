@@ -332,7 +332,6 @@ _NOT_PORTED = {
     "placement",
     "bn_vs_ln",
     "skipinit_depth",
-    "ics",
     "smoothness",
     "centering",
     "residual_variance",
