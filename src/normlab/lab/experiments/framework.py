@@ -330,7 +330,6 @@ _NOT_PORTED = {
     "momentum",
     "regularisation",
     "placement",
-    "bn_vs_ln",
     "skipinit_depth",
     "smoothness",
     "centering",
