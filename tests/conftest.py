@@ -41,7 +41,6 @@ collect_ignore = [
     "test_exp_momentum.py",
     "test_exp_regularisation.py",
     "test_exp_placement.py",
-    "test_exp_skipinit_depth.py",
     "test_exp_smoothness.py",
     "test_exp_centering.py",
     "test_exp_residual_variance.py",

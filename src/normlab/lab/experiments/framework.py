@@ -330,7 +330,6 @@ _NOT_PORTED = {
     "momentum",
     "regularisation",
     "placement",
-    "skipinit_depth",
     "smoothness",
     "centering",
     "residual_variance",
