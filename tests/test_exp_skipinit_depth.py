@@ -128,8 +128,16 @@ def test_verdict_holds_at_eight_seeds_when_alpha1_and_merge_fail_and_skipinit_tr
     assert v.judgement.seeds == 8  # every seed failing: a rate above one half is shown at 8 seeds, not at 4
     assert _status(v, "alpha1-trains-shallow") == "holds"
     assert "α = 1 8/8 (diverged 8)" in v.finding
-    four = _judge([r for r in _rows(GOOD) if r["seed"] < 4])
-    assert four.status == "inconclusive" and _status(four, "alpha1-fails") == "inconclusive"
+
+
+def test_unanimous_rates_decide_at_the_quick_budget_even_when_the_accuracy_part_does_not():
+    # SkipInit trails BN by 0.03 ± 0.03: the "≈ BN" part stays open, but 8 of 8 failing (or training) is shown
+    noisy = [x - 0.03 + d for x, d in zip(BN, [0.03, -0.03, 0.02, -0.02, 0.04, -0.04, 0.0, 0.0])]
+    v = _judge(_rows(dict(GOOD, **{"skipinit-0": noisy})))
+    assert v.status == "inconclusive", v.summary
+    assert _status(v, "skipinit-matches-bn") == "inconclusive"
+    for name in ("alpha1-fails", "merge-fails", "skipinit-sqrt-trains"):
+        assert _status(v, name) == "holds", name
 
 
 def test_verdict_does_not_hold_when_alpha1_trains_at_depth():
