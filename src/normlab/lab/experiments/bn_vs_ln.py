@@ -99,8 +99,9 @@ change; each on a copy of the model, which is left untouched):
 
 Command: ``normlab run bn-vs-ln`` (``--scale smoke|quick|full``).
 Runtime on this 2-core CPU (one thread per run): smoke ~10 s; quick (2,000
-sequences, 4 epochs, 4 runs per seed) about 30 s of CPU per seed, ~6 min at
-the full budget of 12 seeds; full (d_model 256, 4 blocks, 20,000 sequences,
+sequences, 4 epochs, 4 runs per seed): 83 s of CPU for 6 seeds (user +
+system, measured with ``/usr/bin/time`` on the shared machine), about 13 s per
+seed, so ~2.7 min at the full budget of 12 seeds; full (d_model 256, 4 blocks, 20,000 sequences,
 20 epochs) is for a GPU.
 
 Expected (Ba et al. 2016; Shen et al. 2020, "PowerNorm"; the sources): LN and
@@ -377,7 +378,8 @@ def _explain(rows: list[dict[str, Any]], cfg: BnVsLnConfig, judgement: Judgement
         + ", ".join(f"{v} {numbers[v]['test_acc']:.3f}" for v in VARIANTS)
         + "; test loss: "
         + ", ".join(f"{v} {numbers[v]['test_loss']:.3f}" for v in VARIANTS)
-        + "."
+        + f". LN vs plain BN: test accuracy {numbers['layernorm']['test_acc'] - b['test_acc']:+.3f}, test loss "
+        f"×{numbers['layernorm']['test_loss'] / b['test_loss']:.2f}."
     )
     return finding, numbers
 
@@ -387,7 +389,7 @@ def _explain(rows: list[dict[str, Any]], cfg: BnVsLnConfig, judgement: Judgement
 
 def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: BnVsLnConfig) -> list[Path]:
     plt = pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [2, 1, 1]})
     order = [x for x in VARIANTS if any(r["variant"] == x for r in rows)]
     probes = (*PROBES, "padding_change_eval")
     labels = ("padding, train mode", "batch companions, train mode", "train vs eval mode", "padding, eval mode")
@@ -418,13 +420,19 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: BnVsLnConfig) -> list[
     ax2.set_xticklabels(order, rotation=20)
     ax2.set(ylabel="test accuracy (fraction)", title="test accuracy", ylim=(max(0.0, low - 0.05), 1))
     ax2.legend(fontsize=8)
-    for ax in (ax1, ax2):
+    stats = [mean_std(values(rows, "final_test_loss", variant=x))[:2] for x in order]
+    ax3.bar(range(len(order)), [m for m, _ in stats], 0.6, yerr=[s for _, s in stats], capsize=3, color="C7")
+    ax3.set_xticks(range(len(order)))
+    ax3.set_xticklabels(order, rotation=20)
+    ax3.set(ylabel="test loss (nats, eval mode)", title="test loss")
+    for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3, axis="y")
     n_seeds = len({r["seed"] for r in rows})
     fig.suptitle(
         f"C8: tiny Transformer on variable-length sequences, LN / RMSNorm / plain BN / masked BN "
         f"(mean ± std over {n_seeds} seeds)"
     )
+    fig.tight_layout()
     return [save_figure(fig, out_dir, "bn-vs-ln")]
 
 

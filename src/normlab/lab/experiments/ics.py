@@ -118,8 +118,9 @@ the arms above.
 Command: ``normlab run ics`` (``--scale smoke|quick|full``).
 Runtime on this 2-core CPU, one thread per run: smoke ~10 s; quick (digits, 8
 hidden layers of 64, 8 epochs, 7 runs per seed, 9 ICS probes of 9 gradients
-each per run) about 10 s of CPU per seed, ~2 min at the full budget of 12
-seeds; full (CIFAR-10 flattened, 25 hidden layers like Santurkar's deep linear
+each per run): 99 s of CPU for 9 seeds (63 runs; user + system, measured with
+``/usr/bin/time`` on the shared machine), about 11 s per seed, so ~2.2 min at
+the full budget of 12 seeds; full (CIFAR-10 flattened, 25 hidden layers like Santurkar's deep linear
 network but with ReLU, 30 epochs) is for a GPU.
 
 Expected (Santurkar et al. 2018, Fig. 2 and Fig. 5; VGG on CIFAR-10 and a
@@ -517,7 +518,7 @@ def _plot_training(rows: list[dict[str, Any]], out_dir: Path, cfg: ICSConfig) ->
     for i, a in enumerate(arms):
         colour, label = f"C{i}", _label(a)
         rs = [r for r in rows if arm(r) == a]
-        for k, r in enumerate(rs):
+        for k, r in enumerate(r for r in rs if int(r["seed"]) < cfg.seeds):  # curves: the first round's seeds
             loss = np.array([v if math.isfinite(v) else np.nan for v in r["step_loss"]], dtype=float)
             w = max(1, min(20, len(loss) // 10))
             smooth = np.convolve(loss, np.ones(w) / w, mode="valid") if len(loss) >= w else loss
@@ -571,9 +572,9 @@ def _plot_training(rows: list[dict[str, Any]], out_dir: Path, cfg: ICSConfig) ->
         xlabel="optimizer step",
         ylabel="training loss (nats, running mean)",
         yscale="log",
-        title="training curves (every seed)",
+        title=f"training curves (seeds 0-{cfg.seeds - 1})",
     )
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (fraction)", title="accuracy per epoch (every seed)")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (fraction)", title=f"accuracy per epoch (seeds 0-{cfg.seeds - 1})")
     ax_cos.set(
         xlabel="Linear layer (2 = second, last = classifier)",
         ylabel="cos(G, G')",

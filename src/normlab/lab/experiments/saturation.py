@@ -83,9 +83,11 @@ averaged over layers -- how much the norms move in time).
 
 Command: ``normlab run saturation`` (``--scale smoke|quick|full``).
 Runtime on this 2-core CPU, one thread per run: smoke ~5 s; quick (digits,
-10 hidden layers of 64, 8 epochs, 4 runs per seed, 9 probe points each) about
-4 s of CPU per seed, ~50 s at the full budget of 12 seeds; full (CIFAR-10
-flattened, 20 hidden layers of 256, 30 epochs) is for a GPU.
+10 hidden layers of 64, 8 epochs, 4 runs per seed, 9 probe points each):
+decided at the first look (3 seeds) in 16 s of CPU (user + system, measured
+with ``/usr/bin/time`` on the shared machine, start-up and figures included),
+about 3.5 s per seed, so under 1 min at the full budget of 12 seeds; full
+(CIFAR-10 flattened, 20 hidden layers of 256, 30 epochs) is for a GPU.
 
 Expected (Ioffe & Szegedy 2015, §1 and Fig. 1; Glorot & Bengio 2010 for the
 saturation of deep sigmoid nets): with BN fewer units saturate and the
