@@ -414,7 +414,8 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: SkipInitDepthConfig) -
     ax.set_ylabel("training loss (nats, running mean over 10 steps)")
     fig.tight_layout()
     data = rows[0].get("dataset", "?")
-    fig.suptitle(f"C11 skipinit-depth: pre-act ResNet on {data}, no norm vs BN vs SkipInit vs Fixup", y=1.03)
+    fixup = " vs Fixup" if any(r["variant"] == "fixup" for r in rows) else ""
+    fig.suptitle(f"C11 skipinit-depth: pre-act ResNet on {data}, no norm vs BN vs SkipInit{fixup}", y=1.03)
     return [save_figure(fig, out_dir, "skipinit-depth")]
 
 
