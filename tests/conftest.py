@@ -41,8 +41,4 @@ collect_ignore = [
     "test_exp_momentum.py",
     "test_exp_regularisation.py",
     "test_exp_placement.py",
-    "test_exp_bn_vs_ln.py",
-    "test_exp_skipinit_depth.py",
-    "test_exp_ics.py",
-    "test_exp_saturation.py",
 ]

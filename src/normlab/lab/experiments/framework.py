@@ -339,10 +339,6 @@ _NOT_PORTED = {
     "momentum",
     "regularisation",
     "placement",
-    "bn_vs_ln",
-    "skipinit_depth",
-    "ics",
-    "saturation",
 }
 
 

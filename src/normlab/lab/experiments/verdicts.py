@@ -435,7 +435,7 @@ def part_cells(p: Mapping[str, Any]) -> dict[str, str]:
     sh, ratio = p["shown"], p.get("scale") == "log10 ratio"
     x = "×" if ratio else ""
     decision = str(p["status"])
-    if p["status"] == INCONCLUSIVE:
+    if p["status"] == INCONCLUSIVE and p.get("detectable", 0) > 0:  # no spread across seeds: nothing to state
         decision += f" (detectable ≥ {x}{_g(sh['detectable'])})"
     n = str(p["n_a"]) if p["n_a"] == p["n_b"] else f"{p['n_a']}/{p['n_b']}"
     return {
@@ -541,7 +541,8 @@ class PartResult:
             eff = f"{g(self.effect)} [{g(self.ci[0])}, {g(self.ci[1])}]"
             margin = f"δ {g(self.part.margin)}"
         n = f"n {self.n_a}" if self.part.b is None or self.part.paired else f"n {self.n_a}/{self.n_b}"
-        tail = f" (detectable ≥ {g(self.shown(self.detectable))})" if self.status == INCONCLUSIVE else ""
+        undecided = self.status == INCONCLUSIVE and self.detectable > 0
+        tail = f" (detectable ≥ {g(self.shown(self.detectable))})" if undecided else ""
         return f"{self.part.name}: {eff} at {100 * self.level:.3g} %, {margin}, {n} → {self.status}{tail}"
 
 
