@@ -324,7 +324,6 @@ def preregistration(doc: str) -> str:
 # modules not yet moved onto the verdict engine (transitional: emptied as each is ported)
 _NOT_PORTED = {
     "high_lr",
-    "small_batch_fixes",
     "lr_vs_batch",
     "momentum",
     "regularisation",
