@@ -547,7 +547,7 @@ EXPERIMENT = register_experiment(
             "smoke": BatchSizeConfig(
                 seeds=2,
                 max_seeds=2,
-                n_train=256,
+                n_train=128,
                 model_kwargs={"cnn": {"channels": [4, 8]}, "mlp": {"width": 16, "depth": 2}},
                 tiny_epochs=1,
                 large_batch=64,
