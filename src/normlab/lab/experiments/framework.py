@@ -323,7 +323,6 @@ def preregistration(doc: str) -> str:
 
 # modules not yet moved onto the verdict engine (transitional: emptied as each is ported)
 _NOT_PORTED = {
-    "lr_vs_batch",
     "momentum",
     "regularisation",
     "placement",
