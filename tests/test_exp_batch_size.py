@@ -163,3 +163,10 @@ def test_verdict_inconclusive_when_seeds_are_too_noisy():
     v = _verdict(c2_rows({"cnn": 0.02, "mlp": 0.5}, {"cnn": 0.0, "mlp": 0.0}, gain=0.05, noise=0.05))
     assert v.status == "inconclusive", v.summary
     assert v.judgement.seeds == 12 and not v.judgement.stopped_early
+
+
+def test_finding_says_when_bns_larger_drop_is_groupnorms_gain():
+    v = _verdict(c2_rows({"cnn": 0.0, "mlp": 0.5}, {"cnn": -0.03, "mlp": 0.0}, gain=0.05))
+    assert {r.part.name: r.status for r in v.judgement.parts}["bn-loses-more-cnn"] == "holds"
+    assert "does not drop here" in v.finding and "GroupNorm gains 0.03" in v.finding
+    assert v.finding.count("does not drop here") == 1, "the MLP, where BN does drop, gets no such clause"
