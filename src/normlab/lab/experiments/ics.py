@@ -322,8 +322,7 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: ICSConfig) -> list[Pat
             ax_loss.plot(
                 np.arange(len(smooth)) + w - 1, smooth, color=colour, lw=0.9, alpha=0.7, label=label if k == 0 else None
             )
-            # the per-epoch records: stored as "result.epochs" because the param "epochs" (the count) has the name
-            ep = r["result.epochs"] if "result.epochs" in r else r["epochs"]
+            ep = r["per_epoch"]  # the per-epoch records (metrics.json)
             x = [e["epoch"] + 1 for e in ep]
             ax_acc.plot(
                 x,
