@@ -132,6 +132,7 @@ __all__ = [
 ]
 
 CHANCE = 0.1  # the accuracy a diverged run counts at (10 classes)
+ARCHS = {"cnn": {"channels": [8, 16, 32]}, "mlp": {"width": 64, "depth": 3}}  # the quick architectures' keywords
 
 
 @dataclass(frozen=True)
@@ -146,9 +147,7 @@ class BatchSizeConfig:
     threads: int = 1  # torch threads per run (not part of the run id)
     dataset: str = "digits"  # dataset name (normlab.lab.data.dataset_names())
     n_train: int | None = None  # training examples (None = the whole training set)
-    model_kwargs: dict = field(  # keywords for build_model, per architecture (model name)
-        default_factory=lambda: {"cnn": {"channels": [8, 16, 32]}, "mlp": {"width": 64, "depth": 3}}
-    )
+    model_kwargs: dict = field(default_factory=lambda: copy.deepcopy(ARCHS))  # build_model keywords per architecture
     tiny_archs: tuple[str, ...] = ("cnn", "mlp")  # architectures of the tiny-batch comparison
     tiny_norms: tuple[str, ...] = ("batchnorm", "groupnorm")  # norms of the tiny-batch comparison
     tiny_batch: int = 2  # the "tiny" batch size (examples)
