@@ -49,7 +49,7 @@ def _rows(peaks, top_acc=None, noise: float = 0.0, rng_seed: int = 0) -> list[di
             for lr in LRS:
                 acc = best - 0.05 * abs(math.log2(lr) - math.log2(peak)) + noise * rng.standard_normal()
                 rows.append({"variant": variant, "seed": seed, "batch_size": bs, "lr": lr, "diverged": False,
-                             "final_test_acc": float(acc)})  # fmt: skip
+                             "final_test_acc": float(acc), "steps": 10 * (1437 // bs)})  # fmt: skip
     return rows
 
 
@@ -116,6 +116,7 @@ def test_holds_when_bns_best_lr_grows_faster_and_its_advantage_grows():
     assert parts["lr-grows-faster"].effect == pytest.approx(1.0, abs=0.05)
     assert parts["matches-at-small"].status == "holds"
     assert "batchnorm [32: lr" in v.finding and "0 of" in v.finding
+    assert "batch 32: 440, batch 128: 110, batch 512: 20." in v.finding
 
 
 def test_does_not_hold_when_the_baselines_best_lr_grows_faster():
