@@ -35,9 +35,6 @@ def backend(request, monkeypatch):
 
 # experiments not yet moved onto the verdict engine: their tests wait with them (transitional; emptied as each is ported)
 collect_ignore = [
-    "test_exp_high_lr.py",
-    "test_exp_batch_size.py",
-    "test_exp_lr_vs_batch.py",
     "test_exp_momentum.py",
     "test_exp_regularisation.py",
     "test_exp_placement.py",

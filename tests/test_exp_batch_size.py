@@ -1,172 +1,172 @@
-"""C2 ``batch-size`` and C13 ``small-batch-fixes``: smoke path, shared run ids, verdict rules on synthetic rows."""
+"""C2 ``batch-size``: smoke path end to end, the budget rule, per-seed values, the verdict on synthetic rows."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import math
 
 import pytest
+from _batch_rows import rows_for
 
 from normlab.lab.experiments import get_experiment, run_experiment
-from normlab.lab.experiments.batch_size import PRECISE, BatchSizeConfig, drops, norm_kwargs
-from normlab.lab.experiments.framework import STATUSES
+from normlab.lab.experiments.batch_size import (
+    CHANCE,
+    BatchSizeConfig,
+    by_seed,
+    norm_kwargs,
+    point,
+    stat_counts,
+    train_size,
+)
+from normlab.lab.experiments.framework import judge_rows
 from normlab.lab.store import run_id
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _check_figures(result):
-    assert result.figures, "no figure saved"
-    for path in result.figures:
-        assert path.is_file() and path.read_bytes()[:8] == PNG
-
-
 # --------------------------------------------------------------------------- smoke path
 
 
-def test_batch_size_smoke_end_to_end_and_resume(tmp_path):
-    result = run_experiment("batch-size", scale="smoke", root=tmp_path, progress=False)
-    cfg = result.config
-    assert result.verdict.status in STATUSES and "\n" not in result.verdict.summary
-    assert len(result.rows) == len(cfg.norms) * len(cfg.batch_sizes) * cfg.seeds == len(result.ran)
-    _check_figures(result)
-    stored = json.loads(result.verdict_path.read_text())
-    assert stored["status"] == result.verdict.status and stored["claim"] == "C2"
-    for r in result.rows:
-        assert r["steps"] == cfg.steps, "every batch size gets the same number of optimizer steps"
-        assert 0.0 <= r["final_test_acc"] <= 1.0 and r["train_eval_loss"] > 0
+def test_smoke_end_to_end_stores_judges_draws_and_resumes(tmp_path):
+    exp = get_experiment("C2")
+    assert exp.name == "batch-size"
+    res = run_experiment("batch-size", scale="smoke", root=tmp_path, progress=False, device="cpu")
+    cfg = res.config
+    assert len(res.rows) == len(res.ran) == len(list(exp.grid(cfg))) * cfg.max_seeds
+    stored = json.loads(res.verdict_path.read_text())
+    assert stored["claim"] == "C2" and stored["meaningful"] is False and stored["status"] == res.verdict.status
+    assert {p["name"] for p in stored["parts"]} == {p.name for p in exp.declared_parts(cfg)}
+    assert "Pre-registration" not in stored["preregistration"] and "bn-loses-more-mlp" in stored["preregistration"]
+    assert {p.name for p in res.figures} == {"batch-size.png", "parts.png"}
+    assert all(p.read_bytes()[:8] == PNG for p in res.figures)
+    for r in res.rows:
+        steps_per_epoch = train_size(cfg) // r["batch_size"]
+        assert r["steps"] == r["epochs"] * steps_per_epoch, "equal epochs: every example seen equally often"
+        assert r["lr"] == pytest.approx(cfg.lr * r["batch_size"] / cfg.reference_batch)
         assert ("precise_test_acc" in r) == (r["norm"] == "batchnorm"), "precise statistics only where BN layers are"
-    # interrupted or repeated: nothing is trained again
-    again = run_experiment("batch-size", scale="smoke", root=tmp_path, progress=False)
-    assert again.ran == [] and len(again.skipped) == len(result.rows)
-    assert again.verdict == result.verdict
+        assert 0.0 <= r["train_eval_acc"] <= 1.0
+    again = run_experiment("batch-size", scale="smoke", root=tmp_path, progress=False, device="cpu")
+    assert again.ran == [] and len(again.skipped) == len(res.rows)
+    assert again.verdict.status == res.verdict.status
 
 
-def test_small_batch_fixes_smoke_end_to_end_and_ghost_is_bn_at_tiny_batch(tmp_path):
-    result = run_experiment("small-batch-fixes", scale="smoke", root=tmp_path, progress=False)
-    cfg = result.config
-    assert result.verdict.status in STATUSES and result.verdict.numbers
-    assert set(result.verdict.numbers) >= {n for n in cfg.norms if n != "batchnorm"} | {PRECISE}
-    _check_figures(result)
-    # a batch no larger than the virtual batch is normalised exactly as by BN: same losses, step by step
-    tiny = cfg.tiny_batch
-    assert tiny <= cfg.ghost_virtual_batch
-    at_tiny = {(r["norm"], r["seed"]): r for r in result.rows if r["batch_size"] == tiny}
-    for seed in range(cfg.seeds):
-        bn, ghost = at_tiny["batchnorm", seed], at_tiny["ghostbatchnorm", seed]
-        assert ghost["step_loss"] == pytest.approx(bn["step_loss"], rel=1e-5, abs=1e-6)
-    # Batch Renorm's warm-up is scaled to the step budget (else it would be BN throughout)
-    (brn,) = {json.dumps(r["norm_kwargs.r_max_warmup"]) for r in result.rows if r["norm"] == "batchrenorm"}
-    assert json.loads(brn)[1] <= cfg.steps
+# --------------------------------------------------------------------------- design
 
 
-def test_c2_and_c13_share_run_ids_for_the_same_points():
+def test_lr_scales_with_the_batch_and_renorm_warmup_with_the_run():
+    cfg = BatchSizeConfig(lr=0.1, reference_batch=32, renorm_r_warmup=(0.1, 0.5), renorm_d_warmup=(0.1, 0.25))
+    n = train_size(cfg)
+    p2, p256 = point(cfg, "mlp", "batchrenorm", 2, 3), point(cfg, "cnn", "batchnorm", 256, 20)
+    assert p2["lr"] == pytest.approx(0.1 * 2 / 32) and p256["lr"] == pytest.approx(0.1 * 256 / 32)
+    steps = 3 * (n // 2)
+    assert p2["norm_kwargs"] == {"r_max_warmup": [round(0.1 * steps), round(0.5 * steps)],
+                                 "d_max_warmup": [round(0.1 * steps), round(0.25 * steps)]}  # fmt: skip
+    assert norm_kwargs("groupnorm", cfg, 10) == {"num_groups": 4} and norm_kwargs("batchnorm", cfg, 10) == {}
+    assert "threads" not in p2 and "data_dir" not in p2, "threads and data_dir are not part of a run id"
+
+
+def test_bn_statistics_at_batch_2_average_the_values_stated_in_the_preregistration():
+    cfg = get_experiment("batch-size").config_for("quick")
+    # conv: batch x H x W per channel (8x8 digits, halved by each block's pooling); linear: batch
+    assert stat_counts("cnn", cfg) == [2 * 8 * 8, 2 * 4 * 4, 2 * 2 * 2]
+    assert stat_counts("mlp", cfg) == [2, 2, 2]
+    assert stat_counts("cnn", cfg, batch=32)[0] == 32 * 64
+
+
+def test_c2_and_c13_share_run_ids_where_their_points_coincide():
     c2, c13 = get_experiment("batch-size"), get_experiment("small-batch-fixes")
-    ids2 = {run_id(c): c["norm"] for c in c2.runs(c2.config_for("quick"))}
-    ids13 = {run_id(c): c["norm"] for c in c13.runs(c13.config_for("quick"))}
-    shared = set(ids2) & set(ids13)
-    assert {ids2[i] for i in shared} == {"batchnorm", "groupnorm"}
-    assert len(shared) == 2 * len(c2.config_for("quick").batch_sizes) * 3
+    ids2 = {run_id(c): (c["model"], c["norm"], c["batch_size"]) for c in c2.runs(c2.config_for("quick"))}
+    ids13 = {run_id(c): (c["model"], c["norm"], c["batch_size"]) for c in c13.runs(c13.config_for("quick"))}
+    shared = {ids2[i] for i in set(ids2) & set(ids13)}
+    assert shared == {("mlp", "batchnorm", 2), ("mlp", "groupnorm", 2), ("mlp", "batchnorm", 32),
+                      ("cnn", "batchnorm", 256)}  # fmt: skip
 
 
-def test_renorm_warmup_and_group_counts_follow_the_config():
-    cfg = BatchSizeConfig(steps=400, renorm_r_warmup=(0.1, 0.5), renorm_d_warmup=(0.1, 0.25), group_norm_groups=8)
-    assert norm_kwargs("batchrenorm", cfg) == {"r_max_warmup": [40, 200], "d_max_warmup": [40, 100]}
-    assert norm_kwargs("groupnorm", cfg) == {"num_groups": 8}
-    assert norm_kwargs("batchnorm", cfg) == {}
+def test_config_refuses_unknown_architectures_and_misordered_batches():
+    with pytest.raises(ValueError, match="model_kwargs"):
+        BatchSizeConfig(tiny_archs=("resnet",))
+    with pytest.raises(ValueError, match="tiny_batch < reference_batch < large_batch"):
+        BatchSizeConfig(large_batch=16)
 
 
-# --------------------------------------------------------------------------- verdict rules on synthetic rows
+# --------------------------------------------------------------------------- per-seed values and the verdict
+
+QUICK = BatchSizeConfig()
 
 
-def _rows(acc: dict[tuple[str, int], list[float]], precise: list[float] | None = None):
-    """Rows with test accuracy ``acc[(norm, batch)][seed]``; BN rows carry ``precise[seed]`` at batch 2 (else EMA)."""
-    rows = []
-    for (norm, b), accs in acc.items():
-        for seed, a in enumerate(accs):
-            r = {"norm": norm, "batch_size": b, "seed": seed, "final_test_acc": a, "train_eval_loss": 1.0 - a}
-            r["max_steps"] = 10
-            if norm == "batchnorm":
-                r["precise_test_acc"] = precise[seed] if precise is not None and b == 2 else a
-                r["precise_train_eval_loss"] = 1.0 - r["precise_test_acc"]
-            rows.append(r)
-    return rows
+def c2_rows(bn_drop: dict[str, float], gn_drop: dict[str, float], gain: float, seeds: int = 12, noise: float = 0.004):
+    acc = {}
+    for arch in ("cnn", "mlp"):
+        acc[(arch, "batchnorm", 32, 3)] = 0.97
+        acc[(arch, "batchnorm", 2, 3)] = 0.97 - bn_drop[arch]
+        acc[(arch, "groupnorm", 32, 3)] = 0.96
+        acc[(arch, "groupnorm", 2, 3)] = 0.96 - gn_drop[arch]
+    acc[("cnn", "batchnorm", 32, 20)] = 0.99
+    acc[("cnn", "batchnorm", 256, 20)] = 0.99 - gain
+    return rows_for(acc, seeds, noise)
 
 
-C2_CFG = BatchSizeConfig(norms=("batchnorm", "groupnorm", "layernorm", "none"), batch_sizes=(2, 32))
+def _verdict(rows):
+    exp = get_experiment("batch-size")
+    return judge_rows(exp, exp.config_for("quick"), rows, "quick")
 
 
-def _c2(bn2, gn2, ln2):
-    return _rows(
-        {
-            ("batchnorm", 32): [0.98, 0.97, 0.98],
-            ("batchnorm", 2): bn2,
-            ("groupnorm", 32): [0.97, 0.97, 0.96],
-            ("groupnorm", 2): gn2,
-            ("layernorm", 32): [0.97, 0.96, 0.97],
-            ("layernorm", 2): ln2,
-            ("none", 32): [0.9, 0.9, 0.9],
-            ("none", 2): [0.5, 0.6, 0.4],
-        }
-    )
+def test_measure_gives_each_seeds_drop_and_gain_and_counts_a_diverged_run_at_chance():
+    rows = c2_rows({"cnn": 0.3, "mlp": 0.5}, {"cnn": 0.0, "mlp": 0.0}, gain=0.05, seeds=4)
+    (i,) = [
+        i
+        for i, r in enumerate(rows)
+        if (r["model"], r["norm"], r["batch_size"], r["seed"]) == ("cnn", "batchnorm", 2, 1)
+    ]
+    rows[i] = {**rows[i], "diverged": True}
+    per_seed = get_experiment("batch-size").measure(rows, QUICK)
+    acc = {(r["model"], r["norm"], r["batch_size"], r["epochs"], r["seed"]): r["final_test_acc"] for r in rows}
+    for r in per_seed:
+        s = r["seed"]
+        if r["setting"] == "tiny":
+            ref = acc[(r["arch"], r["norm"], 32, 3, s)]
+            tiny = (
+                CHANCE if (r["arch"], r["norm"], s) == ("cnn", "batchnorm", 1) else acc[(r["arch"], r["norm"], 2, 3, s)]
+            )
+            assert r["drop"] == pytest.approx(ref - tiny, abs=1e-15)
+        else:
+            assert r["gain"] == pytest.approx(
+                acc[("cnn", "batchnorm", 32, 20, s)] - acc[("cnn", "batchnorm", 256, 20, s)]
+            )
+    assert len(per_seed) == 4 * (2 * 2 + 1)
+    assert by_seed([{"seed": 0, "final_test_acc": math.nan}]) == {0: CHANCE}
 
 
-def test_c2_verdict_holds_when_bn_loses_more():
-    rows = _c2(bn2=[0.60, 0.62, 0.61], gn2=[0.90, 0.91, 0.90], ln2=[0.88, 0.89, 0.90])
-    v = get_experiment("batch-size").call_analyse(rows, C2_CFG)
+def test_verdict_holds_when_bn_loses_more_than_gn_in_both_nets_and_batch_32_beats_256():
+    v = _verdict(c2_rows({"cnn": 0.2, "mlp": 0.5}, {"cnn": 0.0, "mlp": 0.0}, gain=0.05))
     assert v.status == "holds", v.summary
-    assert drops(rows, "batchnorm", 32, 2) == pytest.approx([0.38, 0.35, 0.37])
-    assert "batch 2" in v.summary and "\n" not in v.summary
+    parts = {r.part.name: r for r in v.judgement.parts}
+    assert parts["bn-loses-more-mlp"].effect == pytest.approx(0.5, abs=0.01)
+    assert parts["gn-drop-cnn"].status == "holds" and not parts["gn-drop-cnn"].part.decides
+    assert "2/2/2 values" in v.finding and "128/32/8 values" in v.finding
 
 
-def test_c2_verdict_does_not_hold_when_bn_loses_less():
-    rows = _c2(bn2=[0.95, 0.95, 0.96], gn2=[0.70, 0.72, 0.71], ln2=[0.70, 0.69, 0.71])
-    assert get_experiment("batch-size").call_analyse(rows, C2_CFG).status == "does not hold"
+def test_verdict_does_not_hold_when_bn_loses_no_more_than_gn():
+    v = _verdict(c2_rows({"cnn": 0.0, "mlp": 0.5}, {"cnn": 0.0, "mlp": 0.0}, gain=0.05))
+    assert v.status == "does not hold", v.summary
+    parts = {r.part.name: r.status for r in v.judgement.parts}
+    assert parts["bn-loses-more-cnn"] == "does not hold" and parts["bn-loses-more-mlp"] == "holds"
 
 
-def test_c2_verdict_inconclusive_when_seeds_disagree():
-    rows = _c2(bn2=[0.60, 0.95, 0.75], gn2=[0.70, 0.90, 0.80], ln2=[0.65, 0.92, 0.78])
-    assert get_experiment("batch-size").call_analyse(rows, C2_CFG).status == "inconclusive"
+def test_verdict_does_not_hold_when_large_batches_generalise_as_well():
+    v = _verdict(c2_rows({"cnn": 0.2, "mlp": 0.5}, {"cnn": 0.0, "mlp": 0.0}, gain=0.0, noise=0.002))
+    assert v.status == "does not hold", v.summary
+    assert {r.part.name: r.status for r in v.judgement.deciding}["moderate-beats-large"] == "does not hold"
 
 
-C13_CFG = BatchSizeConfig(norms=("batchnorm", "batchrenorm", "groupnorm"), batch_sizes=(2, 32))
+def test_verdict_inconclusive_when_seeds_are_too_noisy():
+    v = _verdict(c2_rows({"cnn": 0.02, "mlp": 0.5}, {"cnn": 0.0, "mlp": 0.0}, gain=0.05, noise=0.05))
+    assert v.status == "inconclusive", v.summary
+    assert v.judgement.seeds == 12 and not v.judgement.stopped_early
 
 
-def _c13(brn2, gn2, precise2):
-    return _rows(
-        {
-            ("batchnorm", 32): [0.98, 0.97, 0.98],
-            ("batchnorm", 2): [0.70, 0.71, 0.69],
-            ("batchrenorm", 32): [0.98, 0.98, 0.97],
-            ("batchrenorm", 2): brn2,
-            ("groupnorm", 32): [0.97, 0.97, 0.96],
-            ("groupnorm", 2): gn2,
-        },
-        precise=precise2,
-    )
-
-
-def test_c13_verdict_holds_when_every_fix_beats_bn_at_tiny_batch():
-    rows = _c13(brn2=[0.80, 0.81, 0.82], gn2=[0.90, 0.91, 0.90], precise2=[0.75, 0.76, 0.77])
-    v = get_experiment("small-batch-fixes").call_analyse(rows, C13_CFG)
-    assert v.status == "holds", v.summary
-    assert v.numbers["bn_gap"] == pytest.approx(0.9767 - 0.70, abs=1e-3)
-
-
-def test_c13_verdict_does_not_hold_when_a_fix_is_worse():
-    rows = _c13(brn2=[0.50, 0.51, 0.52], gn2=[0.90, 0.91, 0.90], precise2=[0.75, 0.76, 0.77])
-    v = get_experiment("small-batch-fixes").call_analyse(rows, C13_CFG)
-    assert v.status == "does not hold"
-    assert v.numbers["batchrenorm"]["status"] == "does not hold" and v.numbers["groupnorm"]["status"] == "holds"
-
-
-def test_c13_verdict_inconclusive_when_a_fix_equals_bn():
-    rows = _c13(brn2=[0.80, 0.81, 0.82], gn2=[0.90, 0.91, 0.90], precise2=[0.70, 0.71, 0.69])
-    v = get_experiment("small-batch-fixes").call_analyse(rows, C13_CFG)
-    assert v.status == "inconclusive" and v.numbers[PRECISE]["status"] == "inconclusive"
-
-
-def test_verdict_needs_the_tiny_and_reference_batches():
-    rows = _c2(bn2=[0.6, 0.6, 0.6], gn2=[0.9, 0.9, 0.9], ln2=[0.9, 0.9, 0.9])
-    with pytest.raises(ValueError, match="batch size 64"):
-        get_experiment("batch-size").call_analyse(rows, dataclasses.replace(C2_CFG, reference_batch=64))
+def test_finding_says_when_bns_larger_drop_is_groupnorms_gain():
+    v = _verdict(c2_rows({"cnn": 0.0, "mlp": 0.5}, {"cnn": -0.03, "mlp": 0.0}, gain=0.05))
+    assert {r.part.name: r.status for r in v.judgement.parts}["bn-loses-more-cnn"] == "holds"
+    assert "does not drop here" in v.finding and "GroupNorm gains 0.03" in v.finding
+    assert v.finding.count("does not drop here") == 1, "the MLP, where BN does drop, gets no such clause"

@@ -332,10 +332,6 @@ def split_preregistration(doc: str) -> tuple[str, str]:
 
 # modules not yet moved onto the verdict engine (transitional: emptied as each is ported)
 _NOT_PORTED = {
-    "high_lr",
-    "batch_size",
-    "small_batch_fixes",
-    "lr_vs_batch",
     "momentum",
     "regularisation",
     "placement",

@@ -1,45 +1,73 @@
-"""``lr-vs-batch`` (C12): the best learning rate grows with the batch size for BN and saturates earlier without.
+"""``lr-vs-batch`` (C12): BN's larger stable learning rates pay off mainly at large batch sizes.
 
-A small pre-activation ResNet (``build_model("resnet")``) is trained with SGD
-(momentum 0.9, cosine schedule, a fixed number of epochs, so a larger batch
-means fewer steps) over a grid of batch sizes x learning rates, in up to
-three variants:
+Pre-registration
+----------------
+**Claim** (S4, the summary of De & Smith 2020, "Batch normalization biases
+residual blocks towards the identity function"; our words): BN improves the
+loss landscape and raises the largest stable learning rate, but that is
+useful only for training with large batches. In their Figs. 5–6 (a 16-4
+Wide-ResNet on CIFAR-10, 200 epochs, batch sizes 64 … 4096) the optimal
+learning rate of the BN network keeps growing with the batch size while that
+of the unnormalised (SkipInit) network stops growing at a smaller batch, and
+BN's test accuracy is higher only at large batches; on ImageNet (Table 3)
+SkipInit matches BN at batch 256 but not at very large batches.
 
-* ``batchnorm``: BN in every residual branch (α = 1);
-* ``skipinit``: no normalisation, a learnable scalar α on each branch
-  initialised at 0 (De & Smith's SkipInit, ``residual_scale=0``);
-* ``none``: no normalisation, α = 1 (plain).
+**Design.** A small pre-activation ResNet (2 residual blocks in 2 stages,
+8 base channels) on scikit-learn's digits, in two variants: ``batchnorm``
+(BN in every branch, α = 1) and ``skipinit`` (no norm, a learnable scalar α on
+each branch initialised at 0: De & Smith's SkipInit). SGD with momentum 0.9
+and a cosine schedule for **10 epochs at every batch size** (as in the paper:
+a larger batch means fewer steps) at batch sizes 32, 128, 512 and peak
+learning rates 2^-7 … 2^3 (a factor 4 apart). Per variant, seed and batch
+size, the **best learning rate** is the geometric mean of the grid learning
+rates whose test accuracy is within 0.01 of that seed's best at that batch
+size (a small plateau keeps a few test images from moving the optimum a whole
+grid step), and the **best accuracy** is that maximum. A run that diverged
+counts at chance accuracy, 0.1 (it can be the best only if every learning
+rate failed).
 
-Per variant, seed and batch size, the **best learning rate** is the
-geometric mean of the grid learning rates whose final test accuracy is
-within ``plateau`` of that seed's best accuracy at that batch size (with
-``plateau=0`` this is the argmax, ties averaged; a small plateau keeps a
-difference of a few test images from moving the optimum a whole grid step).
-The **best accuracy** is that maximum.
+**Deciding parts** (per-seed values; paired by seed — the same seed gives the
+same initialisation draw and batch order in both variants; difference scale):
 
-Verdict rule: per seed, the slope of log2(best lr) against log2(batch size)
-(least squares over the batch sizes; 1 = the linear scaling rule, 0 = no
-growth). ``compare`` the slopes over seeds, ``claimed`` vs ``baseline``
-(default BN vs SkipInit), direction "greater", intervals mean ± 1 std:
-**holds** when BN's optimal lr grows faster with the batch size, **does not
-hold** when it grows slower, **inconclusive** when the intervals overlap. A
-best lr at the top of the grid is censored (the slope is then a lower bound);
-the summary says when that happened. The summary also reports BN's accuracy
-advantage over the baseline at the smallest and the largest batch size (the
-paper: SkipInit matches BN at small batch, BN wins at large batch); that part
-does not enter the status.
+* ``lr-grows-faster`` — metric: the slope of log2(best lr) against
+  log2(batch size) over 32 … 512 (least squares; 1 = the linear scaling
+  rule, 0 = no growth). Arm A BN, arm B SkipInit; direction A greater.
+  δ = 0.25: over the 16-fold batch range a slope difference of 0.25 moves the
+  optimal learning rate at the largest batch by a factor 2, half a step of the
+  grid (factor 4) — a smaller difference is below what the grid resolves.
+* ``advantage-grows`` — metric: BN's best accuracy minus SkipInit's at batch
+  512, minus the same at batch 32 (same seed). Against 0; direction greater.
+  δ = 0.02 accuracy: a practical threshold — twice the seed-to-seed spread of
+  a best accuracy on digits (about one point), and an advantage one would
+  choose a normaliser for.
 
-Command: ``normlab run lr-vs-batch`` (``--scale smoke|quick|full``).
-Runtime on this 2-core CPU (one thread per run), measured: smoke ~5 s of CPU;
-quick (digits, ResNet of 2 blocks, 10 epochs, 3 batch sizes x 6 learning rates
-x 2 variants x 3 seeds = 108 runs) 2 min 15 s wall, 77 s of CPU (close to
-10 min when the machine is shared with 3–4 other jobs); full (CIFAR-10,
-WRN-16-4, 200 epochs, batch 64…4096, 12 learning rates, 3 variants) is for a
-GPU and takes days there, not run here.
-Expected (De & Smith 2020, Figs. 5–6): the optimal lr of the BN network keeps
-growing with the batch size up to large batches, while the SkipInit
-network's saturates at a smaller batch size; at small batch both reach about
-the same accuracy, at large batch BN is better.
+**Reported parts**: ``matches-at-small`` (BN's best accuracy minus
+SkipInit's at batch 32 ≈ 0, equivalence within ±0.02: the paper's "SkipInit
+matches BN at ordinary batch sizes", reported because ``advantage-grows``
+already holds the comparison across batch sizes), ``bn-lr-grows`` (BN's own
+slope against 0, δ 0.25: whether BN's optimum follows the batch at all).
+
+**Does not hold** if BN's optimal learning rate does not grow faster with the
+batch than SkipInit's (interval below 0, or inside ±0.25), or if BN's
+accuracy advantage does not grow from batch 32 to 512 (interval below 0, or
+inside ±0.02).
+
+**Seeds**: rounds of 3 up to 12 (quick); smoke 2. Measured cost at quick scale
+(``/usr/bin/time``, one thread, shared 2-core machine): 466 s of CPU for 12
+seeds (432 runs), about 39 s per seed.
+
+Design notes
+------------
+A best learning rate at the top of the grid is censored (the slope is then a
+lower bound); the finding says when that happened. The figure shows accuracy
+against learning rate per batch size, the best learning rate and the best
+accuracy against the batch size.
+
+Command: ``normlab run lr-vs-batch`` (``--scale smoke|quick|full``). Runtime
+(one thread per run): smoke ~8 s of CPU; quick 39 s of CPU per seed (36
+runs), 466 s at the full 12 seeds; full (CIFAR-10, WRN-16-4, 200 epochs,
+batch 64 … 4096, 12 learning rates, three variants) is for a GPU and takes
+days there, not run here.
 """
 
 from __future__ import annotations
@@ -51,10 +79,9 @@ from typing import Any
 
 from normlab.lab.experiments.framework import (
     Experiment,
+    Judgement,
+    Part,
     Run,
-    Verdict,
-    compare,
-    fmt_mean_std,
     group,
     mean_std,
     pyplot,
@@ -62,7 +89,9 @@ from normlab.lab.experiments.framework import (
     save_figure,
 )
 
-__all__ = ["LRvsBatchConfig", "EXPERIMENT", "VARIANTS", "best_lr_table", "slopes"]
+__all__ = ["LRvsBatchConfig", "EXPERIMENT", "VARIANTS", "CHANCE", "best_lr_table", "slopes"]
+
+CHANCE = 0.1  # the accuracy a diverged run counts at (10 classes)
 
 # variant -> (norm name, residual_scale of the ResNet's branches: None = plain α = 1)
 VARIANTS: dict[str, tuple[str, float | None]] = {
@@ -74,9 +103,11 @@ VARIANTS: dict[str, tuple[str, float | None]] = {
 
 @dataclass(frozen=True)
 class LRvsBatchConfig:
-    """C12 lr-vs-batch; see the module docstring for the command, runtimes and the expected result."""
+    """C12 lr-vs-batch; see the module docstring for the design, the command and the runtimes."""
 
-    seeds: int = 3  # seeds per grid point
+    seeds: int = 3  # seeds per round (the first look, and each later round)
+    max_seeds: int = 12  # seed budget per grid point
+    threads: int = 1  # torch threads per run (not part of the run id)
     dataset: str = "digits"  # dataset name (normlab.lab.data.dataset_names())
     n_train: int | None = None  # training examples (None = the whole training set)
     depth: int = 2  # residual blocks of the ResNet
@@ -93,7 +124,6 @@ class LRvsBatchConfig:
     weight_decay: float = 0.0  # L2 coefficient
     schedule: str = "cosine"  # learning-rate schedule after the peak ("constant" | "cosine" | "step")
     plateau: float = 0.01  # accuracy (fraction) within which grid lrs count as optimal
-    threads: int = 1  # torch threads per run
     data_dir: str | None = None  # folder of the CIFAR batches (full scale only; not part of the run id)
 
     def __post_init__(self) -> None:
@@ -135,7 +165,6 @@ def _grid(cfg: LRvsBatchConfig):
                     "schedule": cfg.schedule,
                     "epochs": cfg.epochs,
                     "batch_size": bs,
-                    "threads": cfg.threads,
                 }
 
 
@@ -145,13 +174,21 @@ def _run_one(run: Run) -> dict[str, Any]:
     return train(run.train_config(), progress=run.progress).to_metrics()
 
 
-# --------------------------------------------------------------------------- analysis
+def _run_one(run: Run) -> dict[str, Any]:
+    from normlab.lab.train import train
+
+    return train(run.train_config(), progress=run.progress).to_metrics()
+
+
+# --------------------------------------------------------------------------- per-seed values
 
 
 def _acc(row: dict[str, Any]) -> float:
-    """Final test accuracy; a run that ended with non-finite outputs counts as 0."""
+    """Final test accuracy; a diverged run, or a non-finite accuracy, counts at chance (:data:`CHANCE`)."""
     a = row.get("final_test_acc")
-    return float(a) if a is not None and math.isfinite(a) else 0.0
+    if row.get("diverged") or not isinstance(a, (int, float)) or not math.isfinite(a):
+        return CHANCE
+    return float(a)
 
 
 def best_lr_table(rows: list[dict[str, Any]], plateau: float) -> dict[tuple[str, int, int], dict[str, float]]:
@@ -161,7 +198,7 @@ def best_lr_table(rows: list[dict[str, Any]], plateau: float) -> dict[tuple[str,
         best = max(_acc(r) for r in rs)
         near = [r["lr"] for r in rs if _acc(r) >= best - plateau - 1e-12]
         top = max(r["lr"] for r in rs)
-        out[(variant, seed, bs)] = {
+        out[(variant, int(seed), bs)] = {
             "lr": 2 ** (sum(math.log2(x) for x in near) / len(near)),
             "acc": best,
             "top": float(top in near),
@@ -176,7 +213,7 @@ def _slope(xs: list[float], ys: list[float]) -> float:
 
 
 def slopes(table: dict[tuple[str, int, int], dict[str, float]]) -> dict[tuple[str, int], float]:
-    """``{(variant, seed): slope of log2(best lr) vs log2(batch size)}``."""
+    """``{(variant, seed): slope of log2(best lr) vs log2(batch size)}`` (least squares over the batch sizes)."""
     by: dict[tuple[str, int], list[tuple[int, float]]] = {}
     for (variant, seed, bs), v in table.items():
         by.setdefault((variant, seed), []).append((bs, v["lr"]))
@@ -188,57 +225,129 @@ def slopes(table: dict[tuple[str, int, int], dict[str, float]]) -> dict[tuple[st
     return out
 
 
-def _analyse(rows: list[dict[str, Any]], cfg: LRvsBatchConfig) -> Verdict:
+def _measure(rows: list[dict[str, Any]], cfg: LRvsBatchConfig) -> list[dict[str, Any]]:
+    """Per seed: each variant's slope; the claimed variant's accuracy advantage at each batch size and its growth."""
     table = best_lr_table(rows, cfg.plateau)
-    sl = slopes(table)
-    a = [v for (variant, _), v in sl.items() if variant == cfg.claimed]
-    b = [v for (variant, _), v in sl.items() if variant == cfg.baseline]
-    v = compare(
-        a, b, "greater", name_a=cfg.claimed, name_b=cfg.baseline, metric="slope of log2(best lr) vs log2(batch)"
-    )
-    sizes = sorted({bs for (_, _, bs) in table})
-    small, large = sizes[0], sizes[-1]
+    out: list[dict[str, Any]] = [
+        {"seed": seed, "what": "slope", "variant": variant, "slope": x} for (variant, seed), x in slopes(table).items()
+    ]
+    small, large = min(cfg.batch_sizes), max(cfg.batch_sizes)
+    seeds = sorted({s for (_, s, _) in table})
+    for s in seeds:
+        adv = {}
+        for bs in cfg.batch_sizes:
+            a, b = table.get((cfg.claimed, s, bs)), table.get((cfg.baseline, s, bs))
+            if a is not None and b is not None:
+                adv[bs] = a["acc"] - b["acc"]
+                out.append({"seed": s, "what": "advantage", "batch_size": bs, "advantage": adv[bs]})
+        if small in adv and large in adv:
+            out.append({"seed": s, "what": "growth", "growth": adv[large] - adv[small]})
+    return out
 
-    def best_lrs(variant: str) -> str:
+
+# --------------------------------------------------------------------------- parts
+
+
+def _parts(cfg: LRvsBatchConfig) -> list[Part]:
+    a, b = cfg.claimed, cfg.baseline
+    small, large = min(cfg.batch_sizes), max(cfg.batch_sizes)
+    why_slope = "over the 16-fold batch range 0.25 moves the optimal lr at the largest batch 2x, half a grid step"
+    why_acc = "twice the seed-to-seed spread of a best accuracy on digits (~1 point); an edge worth choosing a norm for"
+    return [
+        Part(
+            name="lr-grows-faster",
+            says=f"{a}'s optimal learning rate grows faster with the batch size than {b}'s",
+            metric="slope",
+            a={"what": "slope", "variant": a},
+            b={"what": "slope", "variant": b},
+            direction="greater",
+            margin=0.25,
+            why=why_slope,
+            unit="slope of log2 lr vs log2 batch",
+            label_a=f"{a} slope",
+            label_b=f"{b} slope",
+        ),
+        Part(
+            name="advantage-grows",
+            says=f"{a}'s best-accuracy advantage over {b} is larger at batch {large} than at batch {small}",
+            metric="growth",
+            a={"what": "growth"},
+            bound=0.0,
+            direction="greater",
+            margin=0.02,
+            why=why_acc,
+            unit="accuracy",
+            label_a=f"advantage at {large} − at {small}",
+        ),
+        Part(
+            name="matches-at-small",
+            says=f"at batch {small} {b} reaches about the best accuracy of {a}",
+            metric="advantage",
+            a={"what": "advantage", "batch_size": small},
+            bound=0.0,
+            direction="equivalent",
+            margin=0.02,
+            why=why_acc,
+            decides=False,
+            unit="accuracy",
+            label_a=f"{a} − {b} at {small}",
+        ),
+        Part(
+            name="bn-lr-grows",
+            says=f"{a}'s optimal learning rate grows with the batch size",
+            metric="slope",
+            a={"what": "slope", "variant": a},
+            bound=0.0,
+            direction="greater",
+            margin=0.25,
+            why=why_slope,
+            decides=False,
+            unit="slope of log2 lr vs log2 batch",
+            label_a=f"{a} slope",
+        ),
+    ]
+
+
+# --------------------------------------------------------------------------- explanation
+
+
+def _explain(rows: list[dict[str, Any]], cfg: LRvsBatchConfig, judgement: Judgement) -> tuple[str, dict[str, Any]]:
+    n = judgement.seeds
+    use = [r for r in rows if int(r["seed"]) < n]
+    table = best_lr_table(use, cfg.plateau)
+    sizes = sorted(cfg.batch_sizes)
+    numbers: dict[str, Any] = {"seeds": n, "best_lr": {}, "best_acc": {}, "at_grid_top": {}, "diverged": {}}
+    texts = []
+    for variant in (cfg.claimed, cfg.baseline):
         parts = []
         for bs in sizes:
-            logs = [math.log2(t["lr"]) for (vv, _, b_), t in table.items() if vv == variant and b_ == bs]
-            tops = sum(t["top"] for (vv, _, b_), t in table.items() if vv == variant and b_ == bs)
-            mark = f" ({int(tops)} at grid top)" if tops else ""
-            parts.append(f"{bs}: {2 ** mean_std(logs)[0]:.3g}{mark}")
-        return ", ".join(parts)
-
-    def advantage(bs: int) -> list[float]:
-        seeds = sorted({s for (vv, s, b_) in table if b_ == bs})
-        return [
-            table[(cfg.claimed, s, bs)]["acc"] - table[(cfg.baseline, s, bs)]["acc"]
-            for s in seeds
-            if (cfg.claimed, s, bs) in table and (cfg.baseline, s, bs) in table
-        ]
-
-    adv_small, adv_large = advantage(small), advantage(large)
-    numbers = dict(v.numbers)
-    numbers["best"] = {f"{vv}/seed{s}/bs{b_}": t for (vv, s, b_), t in table.items()}
-    numbers["slopes"] = {f"{vv}/seed{s}": x for (vv, s), x in sl.items()}
-    numbers["advantage_small_batch"] = adv_small
-    numbers["advantage_large_batch"] = adv_large
-    numbers["plateau"] = cfg.plateau
-    slope_text = (
-        f"slope of log2(best lr) vs log2(batch size) over {small}…{large}: {cfg.claimed} {fmt_mean_std(a)} vs "
-        f"{cfg.baseline} {fmt_mean_std(b)} -> {v.status}"
-        if a and b
-        else "slopes missing"
+            cells = [t for (v, s, b), t in table.items() if v == variant and b == bs]
+            if not cells:
+                continue
+            geo = 2 ** mean_std([math.log2(t["lr"]) for t in cells])[0]
+            acc = mean_std([t["acc"] for t in cells])[0]
+            tops = int(sum(t["top"] for t in cells))
+            key = f"{variant}/{bs}"
+            numbers["best_lr"][key], numbers["best_acc"][key], numbers["at_grid_top"][key] = geo, acc, tops
+            numbers["diverged"][key] = sum(
+                bool(r.get("diverged")) for r in use if r["variant"] == variant and r["batch_size"] == bs
+            )
+            mark = f", {tops} at the grid top" if tops else ""
+            parts.append(f"{bs}: lr {geo:.3g}{mark}, acc {acc:.3f}")
+        texts.append(f"{variant} [" + "; ".join(parts) + "]")
+    diverged = sum(numbers["diverged"].values())
+    steps = {bs: max((int(r["steps"]) for r in use if r["batch_size"] == bs and r.get("steps") is not None), default=0)
+             for bs in sizes}  # fmt: skip
+    numbers["steps_per_run"] = {str(bs): k for bs, k in steps.items()}
+    sentence = (
+        "Best learning rate (geometric mean over seeds) and best test accuracy per batch size: "
+        + " vs ".join(texts)
+        + f". {diverged} of {len(use)} runs diverged (counted at chance accuracy). Optimizer steps per run, "
+        + f"{cfg.epochs} epochs: "
+        + ", ".join(f"batch {bs}: {k}" for bs, k in steps.items())
+        + "."
     )
-    summary = (
-        f"{slope_text}; best lr (geometric mean over seeds) {cfg.claimed} [{best_lrs(cfg.claimed)}], "
-        f"{cfg.baseline} [{best_lrs(cfg.baseline)}]"
-    )
-    if adv_small and adv_large:
-        summary += (
-            f"; best-acc advantage of {cfg.claimed} over {cfg.baseline}: batch {small} {fmt_mean_std(adv_small)}, "
-            f"batch {large} {fmt_mean_std(adv_large)}"
-        )
-    return Verdict(v.status, summary, numbers)
+    return sentence, numbers
 
 
 # --------------------------------------------------------------------------- figure
@@ -318,11 +427,12 @@ EXPERIMENT = register_experiment(
     Experiment(
         name="lr-vs-batch",
         claim="C12",
-        title="With BatchNorm the best learning rate grows with the batch size; with SkipInit it saturates earlier",
+        title="BN's larger stable learning rates pay off mainly at large batch sizes; SkipInit matches it at small",
         config=LRvsBatchConfig,
         scales={
             "smoke": LRvsBatchConfig(
                 seeds=2,
+                max_seeds=2,
                 n_train=256,
                 depth=1,
                 stages=1,
@@ -334,6 +444,7 @@ EXPERIMENT = register_experiment(
             "quick": LRvsBatchConfig(),
             "full": LRvsBatchConfig(
                 seeds=3,
+                max_seeds=3,
                 dataset="cifar10",
                 depth=6,
                 stages=3,
@@ -349,7 +460,9 @@ EXPERIMENT = register_experiment(
         },
         grid=_grid,
         run_one=_run_one,
-        analyse=_analyse,
+        parts=_parts,
+        measure=_measure,
+        explain=_explain,
         plot=_plot,
         description=__doc__ or "",
     )
