@@ -106,9 +106,9 @@ def find_cifar_folder(name: str, data_dir) -> Path:
     spec = _spec(name)
     if data_dir is None:
         raise FileNotFoundError(
-            f"{spec['title']} is read from local files, but no data_dir was given; pass data_dir= "
-            f"(CLI: --set data_kwargs.data_dir=PATH) pointing at a folder that contains {spec['folder']}/ with "
-            f"{', '.join(_expected(spec))}; " + _how_to_get(name, spec, None)
+            f"{spec['title']} is read from local files, but no data_dir was given; pass data_dir= (CLI: --data-dir) "
+            f"naming a folder that holds {spec['folder']}/ ({spec['train'][0]}, ..., {spec['meta']}); "
+            + _how_to_get(name, spec, None)
         )
     root = Path(data_dir).expanduser()
     for candidate in (root / spec["folder"], root):
