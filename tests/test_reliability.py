@@ -181,7 +181,9 @@ def test_the_reproduce_command_is_shell_quoted_and_a_shell_gives_back_the_argume
 
 @dataclass(frozen=True)
 class _EvilConfig:
-    seeds: int = 2  # seeds per grid point
+    seeds: int = 2  # seeds per round
+    max_seeds: int = 2  # seed budget
+    threads: int = 1  # torch threads per run
     note: str = "plain"  # free text carried into the command
 
 
@@ -197,7 +199,9 @@ def evil_store(tmp_path):
         name="evil-strings", claim="C989", title=EVIL_TITLE, config=_EvilConfig,
         scales={s: _EvilConfig() for s in base.SCALES},
         grid=lambda cfg: [{"arm": "<b>x</b>"}], run_one=lambda run: {"v": 1.0},
-        analyse=lambda rows: base.Verdict("holds", EVIL_SUMMARY, {"<i>k</i>": {"mean": 1.0, "std": 0.0, "n": 2}}),
+        parts=lambda cfg: [base.Part("v-high", "<i>v</i> above 0.5", "v", {"arm": "<b>x</b>"}, bound=0.5, margin=0.1,
+                                     why="<b>test</b>")],
+        explain=lambda rows, cfg, judgement: (EVIL_SUMMARY, {"<i>k</i>": 1.0}),
     )  # fmt: skip
     base.register_experiment(exp)
     try:
@@ -219,7 +223,8 @@ def test_report_md_shows_html_and_markdown_from_experiments_as_text(evil_store):
     md = build_report(evil_store).with_suffix(".md").read_text(encoding="utf-8")
     # outside code spans (whose content every renderer shows literally) no "<" at all: no HTML tag can be made
     code_span = r"(?<![`\\])(`+)(?!`)(.*?)(?<!`)\1(?!`)"
-    assert "<" not in re.sub(code_span, "", md)
+    fenced = r"(?ms)^(`{3,})text\n.*?^\1$"  # fenced blocks (the pre-registrations) are shown literally too
+    assert "<" not in re.sub(code_span, "", re.sub(fenced, "", md))
     # every link or image left is the report's own, to a relative path (a javascript: or http: target needs an
     # unescaped "[" from the experiment's strings)
     targets = re.findall(r"(?<!\\)\[(?:[^\]\\]|\\.)*\]\(([^)]*)\)", md)

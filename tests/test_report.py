@@ -344,7 +344,7 @@ def test_markdown_summary_lists_every_claim_with_verdict_numbers_and_command(bui
     for rel in images:
         assert (built.md.parent / rel).is_file() and (built.md.parent / rel).read_bytes().startswith(PNG)
     shown = {_md_text(l) for l in md.splitlines()}
-    assert any(l.startswith("| bn-better | decides |") for l in shown) and "<summary>Pre-registration</summary>" in md
+    assert any(l.startswith("| bn-better | decides |") for l in shown) and "**Pre-registration:**" in md
 
 
 # --------------------------------------------------------------------------- reading only

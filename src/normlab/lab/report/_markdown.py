@@ -104,8 +104,7 @@ def render_markdown(data: ReportData, base: Path, html_name: str = "report.html"
                 )
         if e.preregistration:  # a fenced block shows its text literally; the fence cannot be closed from inside
             fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", e.preregistration)), default=0))
-            lines += ["", "<details><summary>Pre-registration</summary>", "", f"{fence}text", e.preregistration,
-                      fence, "", "</details>"]  # fmt: skip
+            lines += ["", "**Pre-registration:**", "", f"{fence}text", e.preregistration, fence]
         for n in e.notes:
             lines.append(f"- *Note:* {_cell(n)}")
         for f in e.figures:
