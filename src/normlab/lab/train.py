@@ -420,6 +420,7 @@ def train(
                 drop_last=config.drop_last,
                 augment=config.augment,
                 device=device,
+                order=config.batch_order,
             )
         except (TypeError, ValueError) as e:
             raise ConfigError(f"batches: {_message(e)}") from e
