@@ -38,7 +38,6 @@ collect_ignore = [
     "test_exp_high_lr.py",
     "test_exp_batch_size.py",
     "test_exp_lr_vs_batch.py",
-    "test_exp_placement.py",
     "test_exp_bn_vs_ln.py",
     "test_exp_skipinit_depth.py",
     "test_exp_ics.py",

@@ -327,7 +327,6 @@ _NOT_PORTED = {
     "batch_size",
     "small_batch_fixes",
     "lr_vs_batch",
-    "placement",
     "bn_vs_ln",
     "skipinit_depth",
     "ics",
