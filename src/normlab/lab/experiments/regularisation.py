@@ -66,10 +66,10 @@ does not repair more for dropout-before-BN than for BN alone.
 Runtime
 -------
 Command: ``normlab run regularisation`` (``--scale smoke|quick|full``). Quick on
-this 2-core CPU, one thread per run: about 27 s of CPU per seed (the batch-16
-runs dominate), ~5.5 CPU-minutes at the full budget of 12 seeds (estimated
-from single-run timings before the first quick run). Full (CIFAR-10 with 5,000
-training examples, a wider MLP, 100 epochs) is for a GPU.
+this 2-core CPU, one thread per run: measured 185 s of CPU (user + system,
+``/usr/bin/time``) for the full budget of 12 seeds (120 runs; the batch-16 runs
+dominate), which the first quick run used. Full (CIFAR-10 with 5,000 training
+examples, a wider MLP, 100 epochs) is for a GPU.
 """
 
 from __future__ import annotations
