@@ -27,8 +27,7 @@ __all__ = ["FAKES", "ALLOW_RUNNING", "FakeConfig", "registered_fakes", "make_sto
 
 ALLOW_RUNNING = {"run": True, "analyse": True, "plot": True}
 
-PAPER_TEXT = "ResNet-50 top-1 error at batch 2: BN 34.7 vs GN 24.1 (Wu & He 2018, Fig. 1)"
-VERDICT_PAPER = {"text": "Var(skip_i) grows like c*i with c <= 1", "source": "De & Smith 2020, Fig. 4"}
+PREREG = "Pre-registration\n----------------\nDeciding part bn-better: bn above none by more than 0.02 ({})."
 
 
 @dataclass(frozen=True)
@@ -47,26 +46,26 @@ FAKES: dict[str, tuple[str, FakeConfig, str, bool]] = {
         "C901",
         FakeConfig(gap=0.2, noise=0.01),
         "Fake claim that holds: bn beats none by a wide margin.\n\n"
-        "What was measured: synthetic test accuracies, three seeds per norm.\n\n"
-        f"Paper: {PAPER_TEXT}\n",
+        + PREREG.format("a wide margin, as in the paper: BN 34.7 vs GN 24.1")
+        + "\n\nWhat was measured\n-----------------\nsynthetic test accuracies, three seeds per norm.\n",
         True,
     ),
     "report-fake-fails": (
         "C902",
         FakeConfig(gap=-0.2, noise=0.01),
-        "Fake claim that does not hold: bn is worse than none.\n\nNo source number is quoted for it.\n",
+        "Fake claim that does not hold: bn is worse than none.\n\n" + PREREG.format("it is worse") + "\n",
         True,
     ),
     "report-fake-unsure": (
         "C903",
         FakeConfig(gap=0.0, noise=0.05),
-        "Fake claim that is inconclusive: bn and none overlap.\n",
+        "Fake claim that is inconclusive: bn and none overlap.\n\n" + PREREG.format("they overlap") + "\n",
         True,
     ),
     "report-fake-notrun": (
         "C904",
         FakeConfig(),
-        "Fake claim that is registered but never run.\n",
+        "Fake claim that is registered but never run.\n\n" + PREREG.format("never run") + "\n",
         False,
     ),
 }

@@ -51,7 +51,7 @@ def train_run(config: dict) -> dict:
     )
     result = train(cfg)
     out = {k: v for k, v in result.to_metrics().items() if not k.endswith("time")}  # timings vary
-    out["epochs"] = [{k: v for k, v in e.items() if k not in ("time", "eval_time")} for e in out["epochs"]]
+    out["per_epoch"] = [{k: v for k, v in e.items() if k not in ("time", "eval_time")} for e in out["per_epoch"]]
     _log("done", config)
     return out
 

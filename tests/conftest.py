@@ -38,12 +38,4 @@ collect_ignore = [
     "test_exp_high_lr.py",
     "test_exp_batch_size.py",
     "test_exp_lr_vs_batch.py",
-    "test_exp_bn_vs_ln.py",
-    "test_exp_skipinit_depth.py",
-    "test_exp_ics.py",
-    "test_exp_smoothness.py",
-    "test_exp_centering.py",
-    "test_exp_residual_variance.py",
-    "test_exp_paths.py",
-    "test_exp_saturation.py",
 ]

@@ -13,6 +13,8 @@ hook and the RNG state before and after, also when the audit raises.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import normlab
-from normlab._audit import CHECKS, AuditReport, Finding, Thresholds, audit, audit_main
+from normlab.audit import CHECKS, AuditReport, Finding, Thresholds, audit, audit_main
 
 # --------------------------------------------------------------------------- helpers and models
 
@@ -883,6 +885,7 @@ def test_audit_main_on_a_dotted_module(factory_file, monkeypatch, capsys):
     [
         (["nets.py"], "PATH_OR_MODULE:FACTORY"),
         (["{dir}/missing.py:build"], "no such Python file"),
+        (["/etc/passwd:build"], "is not a Python file"),
         (["{file}:nope"], "no callable 'nope'"),
         (["{file}:not_a_model"], "must return a torch.nn.Module"),
         (["no_such_module_xyz:build"], "cannot import module"),
@@ -895,3 +898,14 @@ def test_audit_main_usage_errors_are_one_line_and_status_2(factory_file, capsys,
     assert audit_main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+def test_the_audit_is_library_code_and_imports_no_lab_module():
+    code = (
+        "import sys, normlab, normlab.audit.cli;"
+        "LAB_EXTRA = ('matplotlib', 'sklearn', 'mnist1d', 'pandas');"  # the lab extra's (tqdm: torch imports it)
+        "print(sorted(m for m in sys.modules if m.startswith('normlab.lab') or m in LAB_EXTRA))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert callable(normlab.audit) and normlab.AuditReport is AuditReport  # the README's names

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import re
 import shutil
 import statistics
-import sys
 import types
 from html.parser import HTMLParser
 from pathlib import Path
@@ -18,7 +18,8 @@ import pytest
 
 from normlab.lab.experiments import experiment_names, get_experiment
 from normlab.lab.experiments import framework as base
-from normlab.lab.report import NOT_RUN, ReportError, build_report, collect, key_numbers, paper_number, report_main
+from normlab.lab.experiments.verdicts import part_cells
+from normlab.lab.report import NOT_RUN, ReportError, build_report, collect, report_main
 from normlab.lab.store import RunStore, read_json
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -145,20 +146,26 @@ def test_every_registered_claim_is_in_the_overview_with_its_stored_verdict_or_no
     assert order[: len(claims)] == claims and order[len(claims) :] == ["smoke-example"]
 
 
-def test_overview_numbers_are_the_mean_and_std_over_seeds_of_the_stored_runs(built):
+def test_overview_effects_and_intervals_are_recomputed_from_the_stored_runs(built):
+    from scipy import stats
+
     table = RunStore(built.root).table()
-    checked = 0
-    for name in ("report-fake-holds", "report-fake-fails", "report-fake-unsure", "smoke-example"):
+    for name, part in (("report-fake-holds", "bn-better"), ("report-fake-fails", "bn-better"),
+                       ("report-fake-unsure", "bn-better"), ("smoke-example", "bn-not-worse")):  # fmt: skip
         row = built.page.row(name)
-        norms = sorted({r["norm"] for r in table if r["experiment"] == name})
-        assert len(norms) == 2
-        for norm in norms:
-            accs = [r["final_test_acc"] for r in table if r["experiment"] == name and r["norm"] == norm]
-            m, s = statistics.fmean(accs), statistics.stdev(accs)
-            text = f"{m:.3g} ± {s:.3g} (n={len(accs)})"
-            assert f"{norm}: {text}" in row[3], (name, norm, text, row[3])
-            checked += 1
-    assert checked == 8
+        v = _stored_verdict(built.root, name)
+        (p,) = [p for p in v["parts"] if p["name"] == part]
+        mine = [r for r in table if r["experiment"] == name]
+        by_seed = {norm: {r["seed"]: r["final_test_acc"] for r in mine if r["norm"] == norm}
+                   for norm in ("bn", "none", "batchnorm")}  # fmt: skip
+        a, b = (by_seed["bn"], by_seed["none"]) if by_seed["bn"] else (by_seed["batchnorm"], by_seed["none"])
+        seeds = sorted(a)[: v["seeds"]]
+        diffs = [a[s] - b[s] for s in seeds]
+        assert p["effect"] == pytest.approx(statistics.fmean(diffs), abs=1e-12)
+        ci = stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).confidence_interval(p["level"])
+        assert p["ci"] == pytest.approx([ci.low, ci.high], abs=1e-12)
+        c = part_cells(p)
+        assert f"{part}: {c['effect']} {c['interval']} → {c['decision']}" in row[3]
 
 
 def test_overview_gives_scale_seeds_and_the_command_from_the_verdict(built):
@@ -167,12 +174,6 @@ def test_overview_gives_scale_seeds_and_the_command_from_the_verdict(built):
         row = built.page.row(name)
         assert row[4] == f"{v['scale']} · {v['seeds']} seeds"
         assert row[5] == v["command"] and row[5].startswith(f"normlab run {name} --scale smoke")
-
-
-def test_hover_titles_carry_full_precision(built):
-    v = _stored_verdict(built.root, "report-fake-holds")
-    titles = [a.get("title", "") for t, a in built.page.tags if t == "span" and "num" in a.get("class", "")]
-    assert any(repr(v["numbers"]["bn"]["mean"]) in t for t in titles)
 
 
 # --------------------------------------------------------------------------- figures
@@ -194,7 +195,7 @@ def test_every_stored_figure_is_embedded_as_a_decodable_png_equal_to_the_file(bu
     for name in experiment_names():
         v = _stored_verdict(built.root, name)
         stored += [built.root / name / f for f in (v or {}).get("figures", [])]
-    assert len(stored) == 5  # fake-holds 2, fake-fails 1, fake-unsure 1, smoke-example 1
+    assert len(stored) == 9  # fake-holds 2, fake-fails 1, fake-unsure 1, smoke-example 1, and four forest plots
     embedded = _data_uri_pngs(built.page)
     assert len(embedded) == len(stored)
     assert sorted(embedded) == sorted(p.read_bytes() for p in stored)
@@ -276,7 +277,7 @@ def test_each_section_shows_what_was_measured_config_environment_and_verdict(bui
         exp = get_experiment(name)
         assert v["summary"] in text
         assert " ".join(exp.title.split()) in text
-        for key, value in v["config"].items():
+        for key in v["config"]:
             assert key in text
         run = RunStore(built.root).find(f"{name}/{v['runs'][0]}")
         env = run.env()
@@ -291,50 +292,33 @@ def test_a_section_for_a_claim_that_was_not_run_says_so_and_how_to_run_it(built)
     assert "Fake claim that is registered but never run." in text
 
 
-def test_paper_numbers_come_from_docstring_or_verdict_and_are_otherwise_said_to_be_missing(built):
+def test_each_section_shows_the_preregistration_and_every_part_against_its_margin(built):
+    for name in ("report-fake-holds", "report-fake-fails", "report-fake-unsure"):
+        text = built.page.section(name)
+        v = _stored_verdict(built.root, name)
+        assert "Pre-registration" in text and "Deciding part bn-better" in text
+        assert v["preregistration"].startswith("Deciding part bn-better")
+        for p in v["parts"]:  # the stored numbers, formatted once for every display
+            c = part_cells(p)
+            for key in ("part", "effect", "interval", "ci95", "margin", "n"):
+                assert html.escape(c[key]) in text, (name, key)
+            assert p["status"] in text
     holds = built.page.section("report-fake-holds")
-    assert f"source paper {fake.PAPER_TEXT}" in holds
-    unsure = built.page.section("report-fake-unsure")
-    assert fake.VERDICT_PAPER["text"] in unsure and fake.VERDICT_PAPER["source"] in unsure
-    assert "source paper no paper number" in built.page.section("report-fake-fails")
-    assert "source paper no paper number" in built.page.section("smoke-example")
+    assert "as in the paper: BN 34.7 vs GN 24.1" in holds  # the source's number is part of the pre-registration
+    assert "figures/parts.png" in json.dumps(_stored_verdict(built.root, "report-fake-holds")["figures"])
 
 
-def test_paper_number_from_a_module_constant(monkeypatch):
-    mod = types.ModuleType("fake_claim_module")
-    mod.PAPER = {"value": "97% of the variance from paths of <= 15 branches", "source": "De & Smith 2020, Fig. 3"}
-
-    def run_one(run):  # pragma: no cover - never called
-        raise AssertionError
-
-    run_one.__module__ = mod.__name__
-    monkeypatch.setitem(sys.modules, mod.__name__, mod)
-    found, where = paper_number(types.SimpleNamespace(run_one=run_one), None, "")
-    assert found == "97% of the variance from paths of <= 15 branches; De & Smith 2020, Fig. 3"
-    assert where == "fake_claim_module.PAPER"
-    # a docstring's "Expected (citation): ..." sentence is the fallback; "paper:" inside a paragraph is not
-    doc = "Claim.\n\nSome text that ends a line with the\npaper: not this one.\n\nExpected (De & Smith 2020, Fig. 4): Var grows like i.\n"
-    assert paper_number(None, None, doc) == ("De & Smith 2020, Fig. 4: Var grows like i.", "docstring (Expected)")
-    assert paper_number(None, None, "Expected: BN >= none.") == (None, None)
-
-
-def test_key_numbers_of_compare_threshold_and_combined_verdicts():
-    v = base.combine(
-        {
-            "adam": base.compare([1.0, 1.2], [0.1, 0.2], name_a="bn", name_b="none", metric="log10 lr"),
-            "depth": base.threshold([0.9, 0.95, 0.92], 0.5, name="share"),
-        }
-    )
-    nums = {(k.label, k.metric): k for k in key_numbers(v.numbers)}
-    assert set(nums) == {("adam / bn", "log10 lr"), ("adam / none", "log10 lr"), ("depth", "share")}
-    k = nums[("depth", "share")]
-    assert k.mean == pytest.approx(statistics.fmean([0.9, 0.95, 0.92])) and k.n == 3
-    assert k.text() == f"{k.mean:.3g} ± {k.std:.3g} (n=3)"
-    assert key_numbers({"metric": "x", "mean": 2.0, "std": 0.5, "n": 4})[0].label == "x"
-    assert key_numbers({"free text": "no numbers"}) == []
+def test_smoke_verdicts_say_they_mean_nothing(built):
+    assert "smoke scale: checks the plumbing only" in built.page.section("smoke-example")
+    assert "smoke scale: checks the plumbing only" in built.page.section("report-fake-holds")
 
 
 # --------------------------------------------------------------------------- markdown
+
+
+def _md_text(md: str) -> str:
+    """What CommonMark shows for text without markup: backslash escapes and HTML entities resolved."""
+    return html.unescape(re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", md))
 
 
 def test_markdown_summary_lists_every_claim_with_verdict_numbers_and_command(built):
@@ -343,18 +327,24 @@ def test_markdown_summary_lists_every_claim_with_verdict_numbers_and_command(bui
         v = _stored_verdict(built.root, name)
         status = v["status"] if v else NOT_RUN
         line = next(l for l in md.splitlines() if l.startswith("| ") and f"| {name} |" in l)
-        assert f"**{status}**" in line
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]  # a table's cells: unescaped pipes
+        assert cells[2] == f"**{status}**"
         if v:
-            assert v["summary"].replace("|", "\\|") in line and f"`{v['command']}`" in line
+            for p in v["parts"]:
+                if p["decides"]:
+                    c = part_cells(p)
+                    assert f"{c['part']}: {c['effect']} {c['interval']} → {c['decision']}" in _md_text(cells[3])
+            assert cells[5] == f"`{v['command']}`"
         else:
-            assert f"`normlab run {name} --scale quick`" in line
+            assert cells[5] == f"`normlab run {name} --scale quick`"
         assert f"## {get_experiment(name).claim} {name}: {status}" in md
     # figures are linked by relative paths that exist
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(images) == 5
+    assert len(images) == 9  # five figures of the experiments and a forest plot of the parts for each of four
     for rel in images:
         assert (built.md.parent / rel).is_file() and (built.md.parent / rel).read_bytes().startswith(PNG)
-    assert f"Source paper:** {fake.PAPER_TEXT}" in md and "Source paper:** no paper number" in md
+    shown = {_md_text(l) for l in md.splitlines()}
+    assert any(l.startswith("| bn-better | decides |") for l in shown) and "<summary>Pre-registration</summary>" in md
 
 
 # --------------------------------------------------------------------------- reading only
@@ -394,7 +384,7 @@ def test_missing_figure_and_interrupted_sweep_are_reported_not_hidden(built, tmp
     some_run = next(p for p in sorted((root / "report-fake-fails").iterdir()) if (p / "result.json").is_file())
     (some_run / "result.json").unlink()
     page = Page(build_report(root).read_text(encoding="utf-8"))
-    assert len(page.images()) == 3  # 5 stored, one deleted, one experiment without its verdict
+    assert len(page.images()) == 6  # 9 stored, one deleted, one experiment (2 figures) without its verdict
     holds = page.section("report-fake-holds")
     assert "accuracy.png: file missing" in holds
     fails = page.row("report-fake-fails")

@@ -86,7 +86,7 @@ def test_every_figure_loads_and_renders(loaded, report, shots_dir, capsys):
     assert _image(loaded.screenshot).size == (1366, 860)
     assert _image(section.read_bytes()).size[1] > 300
 
-    assert len(loaded.images) == len(embedded) == n_figures == 4
+    assert len(loaded.images) == len(embedded) == n_figures == 7  # 4 of the fakes, 3 forest plots
     assert loaded.broken_images == [], loaded.broken_images
     assert len(loaded.figure_shots) == n_figures
     for i, (img, shot) in enumerate(zip(loaded.images, loaded.figure_shots)):
@@ -133,7 +133,16 @@ def test_the_page_reads_fully_without_javascript(exe, report):
     assert page.network_requests == []
     for name in claims:
         assert name in page.text
-    for word in ("holds", "does not hold", "inconclusive", "not run", "Key numbers", "Environment", "Config"):
+    for word in (
+        "holds",
+        "does not hold",
+        "inconclusive",
+        "not run",
+        "Parts of the claim",
+        "Pre-registration",
+        "Environment",
+        "Config",
+    ):
         assert word in page.text
 
 

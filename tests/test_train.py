@@ -119,6 +119,36 @@ def test_norm_reaches_the_model_only_through_norm_layer(monkeypatch):
     assert got["norm_layer"] == "batchnorm"
 
 
+class _Halve(nn.Module):
+    """Not a registered norm: multiplies by 0.5 (a layer an experiment might define for itself)."""
+
+    def __init__(self, num_features: int, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.num_features, self.momentum = num_features, momentum
+
+    def forward(self, x):
+        return 0.5 * x
+
+
+def test_a_norm_class_passed_to_train_builds_every_norm_layer_without_registering_it():
+    cfg = parse_overrides(SMALL, ["norm=halve", "max_steps=3"])  # "halve" is a label: nobody registered it
+    with pytest.raises(ConfigError, match="norm='halve' is not one of"):
+        train(cfg)
+    r = train(cfg, norm_layer=_Halve)
+    layers = [m for m in r.model.modules() if isinstance(m, _Halve)]
+    assert len(layers) == 2 and [m.num_features for m in layers] == [32, 32]
+    assert not any(isinstance(m, normlab.BatchNorm) for m in r.model.modules())
+    assert "halve" not in normlab.norm_names()
+    # the layer really is in the forward pass: 0.5 x before each ReLU is the network without norm, halved
+    plain = train(parse_overrides(cfg, ["norm=none"]))
+    assert r.step_loss[0] != plain.step_loss[0]
+    r2 = train(parse_overrides(cfg, ["norm_kwargs.momentum=0.5"]), norm_layer=_Halve)
+    assert all(m.momentum == 0.5 for m in r2.model.modules() if isinstance(m, _Halve))
+    assert r2.step_loss == r.step_loss  # momentum is unused by the layer: the run is the same
+    with pytest.raises(TypeError, match="norm_layer must be a class or callable"):
+        train(cfg, norm_layer="batchnorm")
+
+
 class _MaskedMean(nn.Module):
     """Mean over the real positions of (N, S, D) sequences, then a linear layer; records the masks it saw."""
 
@@ -238,7 +268,7 @@ def test_parse_overrides_types_values():
         ("epochs=2.5", r"epochs='2.5' is not a valid int"),
         ("lr=fast", r"lr='fast' is not a valid float"),
         ("nesterov=maybe", r"nesterov='maybe' is not a valid bool"),
-        ("epochs=0", r"epochs must be >= 1"),
+        ("epochs=0", r"epochs must be in \[1, 1000000\], got 0"),
         ("device=gpu", r"device='gpu' is not one of: 'auto', 'cpu', 'cuda'"),
         ("lr", r"override 'lr' must look like key=value"),
         ("model_kwargs=[1]", r"not a valid JSON object"),

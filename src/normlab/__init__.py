@@ -10,7 +10,7 @@ conventions and state dicts) with forward and backward written out::
 """
 
 from normlab import functional
-from normlab._audit import AuditReport, audit
+from normlab.audit import AuditReport, audit
 from normlab.convert import convert, to_normlab, to_torch
 from normlab.layers import (
     BatchNorm,

@@ -2,36 +2,58 @@
 
 ::
 
+    normlab [--version] [--import MODULE ...] COMMAND ...
     normlab list                                   experiments, datasets, models, norms
     normlab run EXPERIMENT [--scale smoke|quick|full] [--seeds N] [--set key=value ...] [--device D] [--root runs]
-                [--executor sequential|local|ray] [--workers N] [--ray-address ADDR] [--nproc N]
+                [--data-dir DIR] [--executor sequential|local|ray] [--workers N] [--ray-address ADDR] [--nproc N]
     normlab show RUN_DIR_OR_ID                     a run (config, environment, results) or an experiment's verdict
-    normlab train --set key=value ... [--nproc N]  one training run (normlab.lab.config.TrainConfig), stored
+    normlab train --set key=value ... [--data-dir DIR] [--nproc N]   one stored training run (TrainConfig)
     normlab demo                                   the headline experiments at quick scale, then the report
     normlab report [--root runs] [--out PATH]      the HTML report (and report.md) from the run store alone
     normlab audit PATH_OR_MODULE:FACTORY [...]      normalisation pitfalls in any model (see normlab audit --help)
+
+``normlab train --help`` and ``normlab run EXPERIMENT --help`` list every
+config key with its type, default and unit, read from the config dataclass
+(:class:`normlab.lab.config.TrainConfig`, the experiment's ``config``) and
+the comment after each field in its source.
 
 ``--nproc N`` trains each model with DistributedDataParallel in N local
 processes (what ``torchrun --standalone --nproc-per-node N -m normlab ...``
 does; see :mod:`normlab.lab.launch`); ``--executor local|ray`` runs the runs of a
 sweep in a process pool or on Ray (see :func:`normlab.lab.executors.sweep`).
+``--import MODULE`` and the ``normlab.plugins`` entry points load the user's
+own norms, models, datasets and experiments (see :mod:`normlab.lab.plugins`).
 
-Every command has ``--help``. A bad key, value or name exits with status 2
-and one line on stderr naming the valid choices (no traceback).
+Progress goes to stderr: bars on a terminal, elsewhere a line per finished run
+with the elapsed time and an ETA (see :mod:`normlab.lab.progress`);
+``--no-progress`` gives those lines on a terminal too.
+
+Every command has ``--help``. A user error (a bad key, value or name, missing
+data files, a missing optional dependency, a plugin that does not import)
+exits with status 2 and one line on stderr saying what to do (no traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import importlib
+import importlib.metadata
+import inspect
+import io
 import json
 import math
+import os
+import re
 import sys
+import textwrap
+import tokenize
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "build_parser", "HEADLINE_CLAIMS"]
+__all__ = ["main", "build_parser", "HEADLINE_CLAIMS", "config_help", "field_comments"]
 
 HEADLINE_CLAIMS = ("C1", "C4")  # what `normlab demo` runs: one training claim, one probe claim
 _FALLBACK_DEMO = "smoke-example"
@@ -48,8 +70,171 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+# --------------------------------------------------------------------------- help from the typed configs
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The comment after each field of the dataclass ``cls`` in its source (``{}`` when there is no source).
+
+    ``lr: float = 0.05  # peak learning rate (per unit gradient)`` gives
+    ``{"lr": "peak learning rate (per unit gradient)"}``; a field spanning
+    several lines takes the comment on its last line. Base dataclasses come first.
+    """
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # defined in a REPL, or in generated code
+            continue
+        comments: dict[int, str] = {}
+        try:
+            for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+                if tok.type == tokenize.COMMENT:
+                    comments[tok.start[0]] = tok.string.lstrip("#").strip()
+            tree = ast.parse(source)
+        except (SyntaxError, tokenize.TokenError):
+            continue
+        body = next((n.body for n in tree.body if isinstance(n, ast.ClassDef)), [])
+        for node in body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                text = comments.get(node.end_lineno or node.lineno, "")
+                out[node.target.id] = text
+    return out
+
+
+def _cli_value(v: Any) -> str:
+    """A value as it is written after ``--set key=``."""
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (tuple, list)):
+        return ",".join(_cli_value(x) for x in v) if v else "()"
+    if isinstance(v, dict):
+        return json.dumps(v)
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def config_help(cls: type, defaults: Any | None = None, others: dict[str, Any] | None = None) -> str:
+    """Every field of the config dataclass ``cls``: ``name: type = default``, then its unit/meaning.
+
+    ``defaults`` is the instance whose values are shown as defaults (the
+    dataclass's own defaults when None); ``others`` maps a label (e.g. a
+    scale) to another instance whose differing values are shown in brackets.
+    """
+    from normlab.lab.config import _field_types, _type_name
+
+    types_ = _field_types(cls)
+    comments = field_comments(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        if defaults is not None:
+            value: Any = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = dataclasses.MISSING
+        head = f"  {f.name}: {_type_name(types_[f.name])}"
+        if value is not dataclasses.MISSING:
+            head += f" = {_cli_value(value)}"
+        diff = [
+            f"{label} {_cli_value(getattr(o, f.name))}"
+            for label, o in (others or {}).items()
+            if value is dataclasses.MISSING or getattr(o, f.name) != value
+        ]
+        if diff:
+            head += f"   [{'; '.join(diff)}]"
+        lines.append(head)
+        if comments.get(f.name):
+            lines.append(f"      {comments[f.name]}")
+    return "\n".join(lines)
+
+
+def _train_keys() -> str:
+    from normlab.lab.config import TrainConfig
+
+    return (
+        "TrainConfig keys (--set key=value; a dict field also key by key, e.g. model_kwargs.width=64):\n"
+        + config_help(TrainConfig)
+    )
+
+
+def _experiment_keys(name: str) -> str:
+    from normlab.lab.experiments import SCALES, get_experiment
+
+    exp = get_experiment(name)
+    default = "quick"
+    others = {s: exp.scales[s] for s in SCALES if s != default}
+    tag = f"{exp.claim} " if exp.claim else ""
+    return (
+        f"config keys of {tag}{exp.name} ({exp.config.__name__}; --set key=value). The default is the {default} "
+        f"scale's value;\n[brackets] give the other scales' values where they differ.\n"
+        + config_help(exp.config, exp.scales[default], others)
+    )
+
+
+class _HelpWithKeys(argparse.Action):
+    """``--help`` that also lists the config keys (``train``: TrainConfig; ``run X``: experiment X's config)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        name = getattr(namespace, "experiment", None)
+        if parser.prog.endswith(" train"):
+            keys = _train_keys()
+        elif name:
+            keys = _experiment_keys(name)  # an unknown name: RegistryError, one line from main()
+        else:
+            keys = "`normlab run EXPERIMENT --help` lists that experiment's config keys (`normlab list` names them)."
+        parser.print_help()
+        print()
+        print(keys)
+        parser.exit()
+
+
+class _Version(argparse.Action):
+    """``--version``: normlab's version, and torch's and Python's (importing torch only when asked)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import platform
+
+        import torch
+
+        import normlab
+
+        print(f"normlab {normlab.__version__} (torch {torch.__version__}, Python {platform.python_version()})")
+        parser.exit()
+
+
+def _global_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--version", action=_Version, help="print the version and exit")
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first (repeatable): a plugin registering norms, models, datasets or experiments",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="normlab", description="Normalisation layers and a lab that tests what is claimed about them.")
+    p = _Parser(
+        prog="normlab",
+        description="Normalisation layers and a lab that tests what is claimed about them.",
+        epilog="Installed plugins (entry point group normlab.plugins) are loaded before every command.",
+    )
+    _global_options(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -58,16 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("what", nargs="?", choices=("all", "experiments", "datasets", "models", "norms"), default="all")
 
-    def common(sp, *, seeds: bool = True) -> None:
+    def common(sp) -> None:
         sp.add_argument("--root", default="runs", help="run store folder (default: runs)")
         sp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:<i> | mps (default: auto)")
-        sp.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+        _progress_arg(sp)
 
     s = sub.add_parser(
         "run",
         help="run an experiment (missing runs only), analyse it, draw its figures",
         description="Run an experiment: the runs not yet stored, then the verdict and the figures.",
+        add_help=False,
     )
+    s.add_argument("-h", "--help", action=_HelpWithKeys, help="show this help and the experiment's config keys")
     s.add_argument("experiment", nargs="?", help="experiment name or claim id (see `normlab list experiments`)")
     s.add_argument(
         "--all",
@@ -83,16 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--scale", choices=("smoke", "quick", "full"), default="quick", help="default: quick")
     s.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds (default: the scale's)")
-    s.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of the experiment's config (repeatable)",
-    )
+    _set_arg(s, "a field of the experiment's config (repeatable; `normlab run EXPERIMENT --help` lists them)")
     common(s)
+    _data_dir_arg(s, "the experiment's data_dir key: the folder of the CIFAR batches (full scale)")
     s.add_argument(
         "--executor",
         choices=("sequential", "local", "ray"),
@@ -126,21 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="one training run from key=value settings, stored under <root>/<name>/",
         description="Train once with normlab.lab.config.TrainConfig fields set by --set key=value; store the run.",
+        add_help=False,
     )
-    s.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a TrainConfig field, e.g. --set dataset=digits model=mlp norm=batchnorm lr=0.1",
-    )
+    s.add_argument("-h", "--help", action=_HelpWithKeys, help="show this help and every TrainConfig key")
+    _set_arg(s, "a TrainConfig field, e.g. --set dataset=digits model=mlp norm=batchnorm lr=0.1 (keys: --help)")
     s.add_argument("--name", default="train", help="experiment folder for the run (default: train)")
     s.add_argument("--force", action="store_true", help="train again even if this config is stored")
     s.add_argument("--root", default="runs", help="run store folder (default: runs)")
     s.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:<i> | mps (default: the config's)")
-    s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _data_dir_arg(s, "folder of the dataset's files (CIFAR batches): sets data_kwargs.data_dir")
+    _progress_arg(s)
     _nproc_arg(s)
 
     for name, (_, _, text) in _DELEGATED.items():
@@ -154,6 +329,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", choices=("smoke", "quick", "full"), default="quick", help="default: quick")
     common(s)
     return p
+
+
+def _set_arg(sp, text: str) -> None:
+    sp.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help=text)
+
+
+def _data_dir_arg(sp, text: str) -> None:
+    sp.add_argument("--data-dir", default=None, metavar="DIR", help=text)
+
+
+def _progress_arg(sp) -> None:
+    sp.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bars: a plain line per finished run instead (what a file or a pipe gets anyway)",
+    )
 
 
 def _nproc_arg(sp) -> None:
@@ -238,21 +430,12 @@ def _print_verdict(result) -> None:
 
 def _parts_table(parts: list[dict]) -> list[str]:
     """The parts of a verdict as aligned rows: effect, interval and its level, δ, n, decision."""
+    from normlab.lab.experiments.verdicts import part_cells
 
-    def g(x) -> str:
-        return f"{x:.3g}" if isinstance(x, (int, float)) and math.isfinite(x) else str(x)
-
+    cols = ("part", "role", "effect", "interval", "level", "margin", "n", "decision")
     rows = [("part", "role", "effect", "interval", "level", "δ", "n", "decision")]
-    for p in parts:
-        sh, ratio = p["shown"], p["scale"] == "log10 ratio"
-        effect = ("×" if ratio else "") + g(sh["effect"])
-        interval = f"[{g(sh['ci'][0])}, {g(sh['ci'][1])}]"
-        margin = ("×" if ratio else "±") + g(sh["margin"])
-        n = str(p["n_a"]) if p["n_a"] == p["n_b"] else f"{p['n_a']}/{p['n_b']}"
-        role = "decides" if p["decides"] else "reported"
-        decision = p["status"] + (f" (detectable ≥ {g(sh['detectable'])})" if p["status"] == "inconclusive" else "")
-        rows.append((p["name"], role, effect, interval, f"{100 * p['level']:.3g}%", margin, n, decision))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    rows += [tuple(part_cells(p)[c] for c in cols) for p in parts]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols) - 1)]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
 
 
@@ -271,6 +454,21 @@ def _check_executor(args) -> None:
             raise _UsageError(msg) from None
 
 
+def _run_overrides(args) -> list[str]:
+    """``--set`` overrides, plus ``data_dir=DIR`` from ``--data-dir`` for experiments with a data_dir key."""
+    overrides = list(args.overrides)
+    if args.data_dir is not None:
+        from normlab.lab.experiments import get_experiment
+
+        exp = get_experiment(args.experiment)
+        if "data_dir" not in {f.name for f in dataclasses.fields(exp.config)}:
+            raise _UsageError(
+                f"--data-dir: experiment {exp.name!r} reads no data files (its config has no data_dir key); drop it"
+            )
+        overrides.append(f"data_dir={args.data_dir}")
+    return overrides
+
+
 def cmd_run(args) -> int:
     from normlab.lab import launch
     from normlab.lab.experiments import recheck_experiment, run_experiment
@@ -286,7 +484,7 @@ def cmd_run(args) -> int:
         if args.seeds is not None or args.overrides:
             raise _UsageError("--recheck reruns the stored verdict as it was: drop --seeds and --set")
         out = recheck_experiment(
-            args.experiment, args.root, device=args.device, progress=args.progress,
+            args.experiment, args.root, device=args.device,
             executor=args.executor, workers=args.workers,
         )  # fmt: skip
         _print_recheck(args.experiment, out)
@@ -295,10 +493,9 @@ def cmd_run(args) -> int:
         args.experiment,
         scale=args.scale,
         seeds=args.seeds,
-        overrides=list(args.overrides),
+        overrides=_run_overrides(args),
         device=args.device,
         root=args.root,
-        progress=args.progress,
         executor=args.executor,
         workers=args.workers,
         address=args.ray_address,
@@ -325,7 +522,7 @@ def _run_all(args) -> int:
     if args.seeds is not None or args.overrides:
         raise _UsageError("--all runs every claim at its scale's settings: drop --seeds and --set")
     suite = run_all(
-        args.scale, args.root, device=args.device, progress=args.progress, executor=args.executor,
+        args.scale, args.root, device=args.device, executor=args.executor,
         workers=args.workers, recheck=args.recheck, on_result=_print_verdict,
     )  # fmt: skip
     print(f"{len(suite['claims'])} claims in {suite['wall_time'] / 60:.1f} min: {suite['counts']}")
@@ -339,6 +536,29 @@ def _fmt(v: Any) -> str:
     if isinstance(v, (dict, list)):
         return json.dumps(v)
     return str(v)
+
+
+_ABSENT = "-"  # a key a run's config does not have (e.g. world_size of a single-process `normlab train` run)
+
+
+def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
+    """Rows of cells as lines with aligned columns (text left, numbers right)."""
+    width = [max(len(c) for c in col) for col in zip(header, *rows)]
+    numeric = [all(_is_number(r[i]) for r in rows) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        out = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, width, numeric)]
+        return (indent + "  ".join(out)).rstrip()
+
+    return [line(header), *(line(r) for r in rows)]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return text == _ABSENT
+    return True
 
 
 def _show_experiment(folder: Path) -> int:
@@ -380,20 +600,30 @@ def _show_experiment(folder: Path) -> int:
     return 0
 
 
-def _print_run_table(runs: list, limit: int = 30) -> None:
-    """One line per run: its id, the config keys that differ between runs, and the headline results."""
-    from normlab.lab.store import flatten
+_HEADLINE_RESULTS = ("final_test_acc", "final_test_loss", "diverged", "diverged_step")
 
+
+def _print_run_table(runs: list, limit: int = 30) -> None:
+    """One line per run: its id, every config key whose value differs between the runs, and the headline results.
+
+    Keys are the config's own (a dict such as ``model_kwargs`` is one column, shown as JSON); a key
+    that some runs lack (``world_size`` of a multi-process run) shows ``-`` where it is missing.
+    """
     if not runs:
         return
-    configs = [flatten(r.config()) for r in runs]
+    configs = [r.config() for r in runs]
     results = [r.result() for r in runs]
     keys = list(dict.fromkeys(k for c in configs for k in c))
-    varying = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1][:6]
-    shown = [k for k in ("final_test_acc", "final_test_loss", "diverged", "diverged_step") if k in results[0]]
-    print("  " + "  ".join(["run_id", *varying, *shown]))
-    for r, c, res in list(zip(runs, configs, results))[:limit]:
-        print("  " + "  ".join([r.run_id, *(_fmt(c.get(k)) for k in varying), *(_fmt(res.get(k)) for k in shown)]))
+    missing = object()
+    varying = [k for k in keys if len({json.dumps(c.get(k, missing), sort_keys=True, default=id) for c in configs}) > 1]
+    shown = [k for k in _HEADLINE_RESULTS if any(k in r for r in results)]
+    cell = lambda d, k: _fmt(d[k]) if k in d else _ABSENT  # noqa: E731
+    rows = [
+        [r.run_id, *(cell(c, k) for k in varying), *(cell(res, k) for k in shown)]
+        for r, c, res in zip(runs, configs, results)
+    ]
+    for line in _table(["run_id", *varying, *shown], rows[:limit]):
+        print(line)
     if len(runs) > limit:
         print(f"  ... {len(runs) - limit} more")
 
@@ -402,6 +632,16 @@ def _is_experiment_folder(folder: Path) -> bool:
     if (folder / "verdict.json").is_file():
         return True
     return any(p.is_dir() and (p / "config.json").is_file() for p in folder.iterdir())
+
+
+def _print_mapping(d: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
+    items = [(k, v) for k, v in d.items() if k not in skip]
+    width = max((len(k) for k, _ in items), default=0)
+    for k, v in items:
+        print(f"  {k:<{width}} = {_fmt(v)}")
+
+
+_ENV_KEYS = ("device", "world_size", "threads", "seed", "python", "torch", "numpy", "git_revision", "hostname", "time")
 
 
 def cmd_show(args) -> int:
@@ -415,10 +655,14 @@ def cmd_show(args) -> int:
 
         if args.ref in EXPERIMENTS:  # a claim id such as C4, or a name in any case
             candidates.append(store.root / EXPERIMENTS.canonical(args.ref))
-    except ImportError:
+    except (ImportError, TypeError):
         pass
     for folder in candidates:
-        if folder.is_dir() and not (folder / "config.json").is_file() and _is_experiment_folder(folder):
+        try:
+            experiment = folder.is_dir() and not (folder / "config.json").is_file() and _is_experiment_folder(folder)
+        except OSError:  # a name the file system refuses (too long, ...): not a folder
+            experiment = False
+        if experiment:
             return _show_experiment(folder)
     try:
         run = store.find(args.ref)
@@ -427,25 +671,20 @@ def cmd_show(args) -> int:
     state = "complete" if run.complete else "INCOMPLETE (no result.json: interrupted; it will be run again)"
     print(f"run {run.experiment}/{run.run_id}: {run.path}  [{state}]")
     print("config:")
-    for k, v in run.config().items():
-        print(f"  {k} = {_fmt(v)}")
+    _print_mapping(run.config())
     env = run.env()
     if env:
-        keys = ("device", "threads", "seed", "python", "torch", "numpy", "git_revision", "hostname", "time")
-        print("environment: " + ", ".join(f"{k}={env.get(k)}" for k in keys if k in env))
+        print("environment: " + ", ".join(f"{k}={env.get(k)}" for k in _ENV_KEYS if k in env))
     if run.complete:
         print("result:")
-        for k, v in run.result().items():
-            if k != "run_id":
-                print(f"  {k} = {_fmt(v)}")
-        epochs = run.metrics().get("epochs")
+        _print_mapping(run.result(), skip=("run_id",))
+        epochs = run.metrics().get("per_epoch")
         if args.epochs and isinstance(epochs, list) and epochs:
             wanted = ("epoch", "steps", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "time")
             cols = [c for c in wanted if c in epochs[0]]
             print("epochs:")
-            print("  " + "  ".join(f"{c:>10}" for c in cols))
-            for e in epochs:
-                print("  " + "  ".join(f"{_fmt(e.get(c)):>10}" for c in cols))
+            for line in _table(cols, [[_fmt(e.get(c)) for c in cols] for e in epochs]):
+                print(line)
     return 0
 
 
@@ -459,8 +698,10 @@ def cmd_train(args) -> int:
     cfg = parse_overrides(TrainConfig(), list(args.overrides))
     if args.device is not None:
         cfg = parse_overrides(cfg, [f"device={args.device}"])
+    if args.data_dir is not None:
+        cfg = parse_overrides(cfg, {"data_kwargs": {**cfg.data_kwargs, "data_dir": args.data_dir}})
     cfg.validate()
-    store = RunStore(args.root)
+    store = RunStore(args.root).ensure_writable()
     world = launch.env_world_size()
     # a run on several processes is stored apart from the single-process run (numbers agree only to rounding,
     # and not at all with sync_bn=false)
@@ -468,11 +709,11 @@ def cmd_train(args) -> int:
     stored = store.run(args.name, stored_config)
     main = launch.is_main_process()
     launch.join_from_env(cfg.device)
-    if launch.broadcast_object(stored.complete) and not args.force:
+    if launch.broadcast_object(store.complete_or_quarantine(stored) if main else None) and not args.force:
         if main:
             print(f"already stored (use --force to train again): {stored.path}")
     else:
-        result = train(cfg, progress=args.progress and main)
+        result = train(cfg, progress=main)  # bars, lines or off: see _progress_env
         if main:
             env = environment(device=result.device, seed=cfg.seed, threads=result.threads)
             env["world_size"] = result.world_size
@@ -500,7 +741,7 @@ def cmd_demo(args) -> int:
         names = [_FALLBACK_DEMO]
     results = []
     for name in names:
-        result = run_experiment(name, scale=args.scale, device=args.device, root=args.root, progress=args.progress)
+        result = run_experiment(name, scale=args.scale, device=args.device, root=args.root)
         _print_verdict(result)
         results.append(result)
     print(f"figures and verdicts are under {Path(args.root).resolve()}/<experiment>/ (figures/*.png, verdict.json)")
@@ -517,7 +758,7 @@ _DELEGATED = {
         "report_main",
         "build the HTML report from the run store (see normlab report --help)",
     ),
-    "audit": ("normlab._audit", "audit_main", "find normalisation pitfalls in a model (see normlab audit --help)"),
+    "audit": ("normlab.audit.cli", "audit_main", "find normalisation pitfalls in a model (see normlab audit --help)"),
 }
 
 
@@ -537,33 +778,151 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _command_index(argv: Sequence[str]) -> int:
+    """Index of the command in ``argv``: past the global options ``--version`` and ``--import MODULE``."""
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--import":
+            i += 2
+        elif argv[i].startswith("--import=") or argv[i] == "--version":
+            i += 1
+        else:
+            break
+    return min(i, len(argv))
+
+
+def _global_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse the global options before the command (``--version`` prints and exits here)."""
+    p = _Parser(prog="normlab", add_help=False)
+    _global_options(p)
+    return p.parse_args(list(argv))
+
+
+# the `lab` extra's distributions whose import name differs from the distribution name
+_IMPORT_NAMES = {"scikit-learn": "sklearn"}
+
+
+def _extra_for(module: str | None) -> str | None:
+    """The optional extra of normlab (``"lab"``, ``"dist"``) that provides the top-level ``module``, if any."""
+    top = (module or "").split(".")[0]
+    if not top or top == "normlab":
+        return None
+    try:
+        requires = importlib.metadata.requires("normlab") or []
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing
+        return "lab"
+    for req in requires:
+        extra = re.search(r"""extra\s*==\s*["']([\w.-]+)["']""", req)
+        dist = re.match(r"[A-Za-z0-9._-]+", req)
+        if extra and dist:
+            name = dist.group(0).lower()
+            if _IMPORT_NAMES.get(name, name.replace("-", "_")) == top:
+                return extra.group(1)
+    return None
+
+
+_SCOPED_ENV = (
+    "NORMLAB_PROGRESS",
+    "NORMLAB_IMPORT",
+)  # progress.ENV_VAR, plugins.ENV_VAR  # set for this command (and its child processes) only
+
+
+def _check_before_launch(args) -> None:
+    """Refuse bad settings once, here, before ``--nproc`` starts processes that would each print the error."""
+    from normlab.lab.runtime import check_cpus
+    from normlab.lab.store import RunStore
+
+    check_cpus("--nproc", args.nproc)
+    if args.command == "train":
+        from normlab.lab.config import TrainConfig, parse_overrides
+
+        cfg = parse_overrides(TrainConfig(), list(args.overrides))
+        if args.device is not None:
+            cfg = parse_overrides(cfg, [f"device={args.device}"])
+        check_cpus("threads", cfg.validate().threads)
+        RunStore(args.root).run(args.name, cfg.to_dict())
+    elif args.command == "run":
+        from normlab.lab.experiments import get_experiment
+
+        get_experiment(args.experiment).config_for(args.scale, list(args.overrides), args.seeds)
+    RunStore(args.root).ensure_writable()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: returns the exit status (0 ok, 2 for a usage error)."""
+    """Entry point: returns the exit status (0 ok, 2 for a user error, 130 interrupted, 141 closed pipe)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    saved = {k: os.environ.get(k) for k in _SCOPED_ENV}
+    i = _command_index(argv)
+    command = argv[i] if i < len(argv) and not argv[i].startswith("-") else ""
+    prog = f"normlab {command}".strip()
+    try:
+        code = _main(argv, i)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:  # `normlab show ... | head`: the reader has gone; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE, as a program killed by the closed pipe would report
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (finished runs are stored; run again to resume)", file=sys.stderr)
+        return 130
+    except Exception as e:
+        message = _user_error(e)
+        if message is None:
+            raise
+        print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
+        return 2
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _user_error(e: Exception) -> str | None:
+    """The one-line message for an error the user can fix, or None for a bug (which keeps its traceback)."""
     from normlab.lab.config import ConfigError
+    from normlab.lab.plugins import PluginError
+    from normlab.lab.store import StoreError
     from normlab.registry import RegistryError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in _DELEGATED:
-        module, func, _ = _DELEGATED[argv[0]]
-        return getattr(importlib.import_module(module), func)(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if getattr(args, "nproc", 1) > 1:
-            from normlab.lab import launch
+    if isinstance(e, (ConfigError, RegistryError, PluginError, StoreError, _UsageError)):
+        return str(e)
+    if isinstance(e, FileNotFoundError):  # data files, a run store, a file named on the command line
+        return str(e)
+    if isinstance(e, ModuleNotFoundError):
+        extra = _extra_for(e.name)
+        if extra is not None:
+            return f"this needs normlab's {extra!r} extra ({e}): pip install 'normlab[{extra}]'"
+    return None
 
-            if args.command == "run":
-                _check_executor(args)
-            if launch.env_world_size() > 1:
-                raise _UsageError("--nproc inside an already distributed launch (torchrun); drop --nproc")
-            return launch.run_local(_without_nproc(argv), args.nproc)
-        return _COMMANDS[args.command](args)
-    except (ConfigError, RegistryError, _UsageError) as e:
-        print(f"normlab {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"normlab {args.command}: interrupted (finished runs are stored; run again to resume)", file=sys.stderr)
-        return 130
+
+def _main(argv: list[str], i: int) -> int:
+    from normlab.lab import plugins, progress
+
+    imports = _global_args(argv[:i]).imports
+    mode = os.environ.get(progress.ENV_VAR, "auto").strip().lower() or "auto"
+    if mode not in progress.MODES:
+        raise _UsageError(f"${progress.ENV_VAR}={mode!r} is not one of: {', '.join(progress.MODES)}")
+    plugins.load_plugins(imports)
+    if i < len(argv) and argv[i] in _DELEGATED:
+        module, func, _ = _DELEGATED[argv[i]]
+        return getattr(importlib.import_module(module), func)(argv[i + 1 :])
+    args = build_parser().parse_args(argv)
+    if not getattr(args, "progress", True):
+        os.environ["NORMLAB_PROGRESS"] = "lines"  # --no-progress: lines, not bars (inherited by workers)
+    if getattr(args, "nproc", 1) > 1:
+        from normlab.lab import launch
+
+        if args.command == "run":
+            _check_executor(args)
+        if launch.env_world_size() > 1:
+            raise _UsageError("--nproc inside an already distributed launch (torchrun); drop --nproc")
+        _check_before_launch(args)
+        return launch.run_local(_without_nproc(argv), args.nproc)
+    return _COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,6 +32,8 @@ class ConfigError(ValueError):
 
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+MAX_EPOCHS = 1_000_000  # a run longer than this is bounded by max_steps instead
+FLOAT32_MAX = 3.4028234663852886e38  # the largest learning rate or weight decay a float32 parameter can take
 
 
 @dataclass(frozen=True)
@@ -63,9 +65,9 @@ class TrainConfig:
     schedule: Literal["constant", "step", "cosine"] = "constant"  # learning-rate shape after warm-up
     warmup_epochs: float = 0.0  # linear warm-up from 0 to lr, in epochs (fractions allowed)
     lr_milestones: tuple[float, ...] = ()  # "step": epochs at which lr is multiplied by lr_decay; () = 50% and 75%
-    lr_decay: float = 0.1  # "step": factor per milestone
+    lr_decay: float = 0.1  # "step": factor per milestone, in (0, 1]
     # -- length and batches
-    epochs: int = 5  # passes over the training set
+    epochs: int = 5  # passes over the training set (at most 1,000,000; bound longer runs with max_steps)
     batch_size: int = 64  # training examples per optimizer step
     drop_last: bool = True  # drop the last incomplete batch (a 1-example batch breaks BatchNorm)
     batch_order: Literal["shuffled", "class-sorted"] = "shuffled"  # batch composition (normlab.lab.data.Batches)
@@ -73,9 +75,9 @@ class TrainConfig:
     eval_batch_size: int = 1000  # examples per forward pass when evaluating (no effect on numbers)
     eval_train: bool = False  # also evaluate in eval mode on the whole training set each epoch
     # -- reproducibility and hardware
-    seed: int = 0  # seed of initialisation, shuffling and dropout
+    seed: int = 0  # seed of initialisation, shuffling and dropout (0 <= seed < 2**63, as data_seed)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:<i>" | "mps"; auto = cuda if available, else cpu
-    threads: int | None = None  # torch intra-op threads for this run; None = leave as is
+    threads: int | None = None  # torch intra-op threads for this run (at most the CPU count); None = leave as is
     channels_last: bool = False  # 4-D inputs and the model in channels-last memory format
     compile: bool = False  # torch.compile the model (slow to start: tens of seconds)
     # -- divergence
@@ -89,11 +91,21 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(msg)
 
-        for name in ("epochs", "batch_size", "eval_batch_size", "sync_every"):
+        def number(name: str, lo: float, hi: float, *, lo_open: bool = False, value: Any = None) -> None:
+            v = getattr(self, name) if value is None else value
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            ok = ok and (v > lo if lo_open else v >= lo) and v <= hi
+            need(ok, f"{name} must be a finite number in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {v!r}")
+
+        need(1 <= self.epochs <= MAX_EPOCHS, f"epochs must be in [1, {MAX_EPOCHS}], got {self.epochs}")
+        for name in ("batch_size", "eval_batch_size", "sync_every"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("n_train", "max_steps", "threads"):
             v = getattr(self, name)
             need(v is None or v >= 1, f"{name} must be >= 1 or None, got {v}")
+        for name in ("seed", "data_seed"):
+            v = getattr(self, name)
+            need(0 <= v < 2**63, f"{name} must be in [0, 2**63 - 1], got {v}")
         need(self.optimizer in ("sgd", "adam"), f"optimizer={self.optimizer!r} is not one of: 'sgd', 'adam'")
         need(
             self.batch_order in ("shuffled", "class-sorted"),
@@ -103,23 +115,32 @@ class TrainConfig:
             self.schedule in ("constant", "step", "cosine"),
             f"schedule={self.schedule!r} is not one of: 'constant', 'step', 'cosine'",
         )
-        need(self.lr >= 0 and math.isfinite(self.lr), f"lr must be finite and >= 0, got {self.lr}")
+        number("lr", 0, FLOAT32_MAX)
         need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         need(not (self.nesterov and self.momentum == 0), "nesterov=true needs momentum > 0")
         need(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             f"betas must be two numbers in [0, 1), got {self.betas}",
         )
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        need(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        need(self.lr_decay > 0, f"lr_decay must be > 0, got {self.lr_decay}")
-        need(self.divergence_loss > 0, f"divergence_loss must be > 0, got {self.divergence_loss}")
+        number("weight_decay", 0, FLOAT32_MAX)
+        number("warmup_epochs", 0, MAX_EPOCHS)
+        for m in self.lr_milestones:
+            number("lr_milestones", 0, MAX_EPOCHS, value=m)
+        number("lr_decay", 0, 1, lo_open=True)
+        need(
+            self.divergence_loss > 0,
+            f"divergence_loss must be > 0 (inf: only non-finite losses), got {self.divergence_loss}",
+        )
         need(
             bool(DEVICE_PATTERN.match(self.device)),
             f"device={self.device!r} is not one of: 'auto', 'cpu', 'cuda', 'cuda:<index>', 'mps'",
         )
         for name in ("data_kwargs", "model_kwargs", "norm_kwargs"):
             need(isinstance(getattr(self, name), Mapping), f"{name} must be a dict, got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):  # every integer must fit the 64-bit integers of torch and numpy
+            v = getattr(self, f.name)
+            if isinstance(v, int) and not isinstance(v, bool):
+                need(-(2**63) <= v < 2**63, f"{f.name}={v} is too large (integers must fit in 64 bits)")
 
     def validate(self) -> TrainConfig:
         """Check the names against the registries (datasets, models, norms); return ``self``."""
@@ -147,6 +168,16 @@ class TrainConfig:
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _default(cls, name: str) -> Any:
+    """The class-level default of field ``name`` (None when it has none)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def _type_name(tp) -> str:
@@ -310,6 +341,11 @@ def parse_overrides(config, overrides: Sequence[str] | Mapping[str, Any] = ()):
             changes[base] = current
         else:
             changes[base] = _coerce(key, value, tp)
+            if changes[base] == () and _default(cls, base):
+                raise ConfigError(
+                    f"{key}= is empty; give at least one value (comma-separated), e.g. "
+                    f"{key}={','.join(str(x) for x in _default(cls, base))}"
+                )
     try:
         return dataclasses.replace(config, **changes)
     except ConfigError:

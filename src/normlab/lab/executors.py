@@ -5,7 +5,9 @@ store and skips the others. Before running a run, a worker claims it with an
 exclusive ``flock`` on ``<run folder>/.claim`` and checks again that it is not
 complete, so a finished run is never run twice and a run claimed by a live
 worker (another sweep over the same store) is not started by another; the
-kernel releases a dead worker's lock, so there are no stale claims.
+kernel releases a dead worker's lock, so there are no stale claims. A run
+found complete but corrupt (a file that does not parse) is moved to the
+store's quarantine folder and run again (:meth:`RunStore.complete_or_quarantine`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from normlab.lab.config import ConfigError
+from normlab.lab.progress import Progress
 from normlab.lab.provenance import environment
+from normlab.lab.runtime import check_cpus
 from normlab.lab.store import CLAIM, RunStore, StoredRun, run_id
 
 __all__ = ["EXECUTORS", "SweepReport", "sweep", "claim_run"]
@@ -92,14 +97,14 @@ def _run_task(root: str, experiment: str, config: Any, run_fn: Callable, env_fn:
     """
     store = RunStore(root)
     stored = store.run(experiment, config)
-    if stored.complete:
+    if stored.complete and stored.problem() is None:
         return "stored", stored.run_id
     claim = claim_run(stored)
     if claim is None:
         return "busy", stored.run_id
     done = False
     try:
-        if stored.complete:  # finished by another worker between the check and the claim
+        if store.complete_or_quarantine(stored):  # finished by another worker between the check and the claim
             done = True
             return "stored", stored.run_id
         metrics = run_fn(config)
@@ -132,7 +137,7 @@ def sweep(
     run_fn: Callable[[Any], Mapping[str, Any]],
     *,
     env_fn: Callable[[Any], Mapping[str, Any]] | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
     desc: str | None = None,
     executor: str = "sequential",
     workers: int | None = None,
@@ -144,7 +149,9 @@ def sweep(
     ``run_fn(config) -> metrics`` runs one configuration; its metrics are
     stored under ``run_id(config)`` (``config`` must be JSON-able: a dict or
     a dataclass). ``env_fn(config)`` gives ``env.json`` (default:
-    :func:`environment`).
+    :func:`environment`). ``progress`` (True, or a mode of
+    :mod:`normlab.lab.progress`) shows a bar on a terminal and, anywhere else,
+    a line per finished run with the elapsed time and an ETA.
 
     Where the runs run (``executor``):
 
@@ -173,47 +180,62 @@ def sweep(
     the same store) is not started: this call waits for it (checking every
     ``poll`` seconds) and runs it itself if that worker dies first.
     """
-    if executor not in EXECUTORS:
-        raise ValueError(f"executor={executor!r} is not one of: {', '.join(map(repr, EXECUTORS))}")
-    if workers is not None and workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    if not isinstance(store, RunStore):
-        store = RunStore(store)
-    ids = [run_id(c) for c in configs]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"sweep {experiment!r}: the configurations are not all different (duplicate run ids)")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(configs), desc=desc or experiment, unit="run")
+    store = _check_sweep(store, configs, experiment, executor, workers, address)
+    bar = Progress(len(configs), desc or experiment, unit="run", progress=progress)
     status: dict[str, str] = {}
 
     def note(st: str, rid: str) -> None:
         if st == "busy":
             return
         status[rid] = st
-        if bar is not None:
-            bar.update(1)
-            ran = sum(v == "ran" for v in status.values())
-            bar.set_postfix(ran=ran, stored=len(status) - ran)
+        ran = sum(v == "ran" for v in status.values())
+        bar.update(1, timed=st == "ran", ran=ran, stored=len(status) - ran)
 
     try:
         if executor == "sequential":
             _sweep_sequential(store, experiment, configs, run_fn, env_fn, note, poll)
         else:
-            todo = [c for c in configs if not store.run(experiment, c).complete]
-            for c in configs:
-                if store.run(experiment, c).complete:
-                    note("stored", run_id(c))
-            if todo:
-                run = _pool_map if executor == "local" else _ray_map
-                run(
-                    str(store.root), experiment, todo, run_fn, env_fn, note, workers=workers, address=address, poll=poll
-                )
+            _sweep_parallel(store, experiment, configs, run_fn, env_fn, note, executor, workers, address, poll)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
+    return _report(store, experiment, configs, status)
+
+
+def _check_sweep(store, configs, experiment, executor, workers, address) -> RunStore:
+    """The store, writable, after checking the executor, the worker count and that the configs differ."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor={executor!r} is not one of: {', '.join(map(repr, EXECUTORS))}")
+    if workers is not None and not (executor == "ray" and address is not None):  # CPUs of this machine
+        check_cpus("workers", workers)
+    if not isinstance(store, RunStore):
+        store = RunStore(store)
+    ids = [run_id(c) for c in configs]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(
+            f"sweep {experiment!r}: the configurations are not all different (duplicate run ids); "
+            "a list override probably names a value twice"
+        )
+    return store.ensure_writable()
+
+
+def _sweep_parallel(store, experiment, configs, run_fn, env_fn, note, executor, workers, address, poll) -> None:
+    """The runs not yet complete, on a local process pool or on Ray; the complete ones noted as stored.
+
+    A corrupt run goes to the workers too: the one that claims it quarantines it and runs it again.
+    """
+    todo = []
+    for c in configs:
+        stored = store.run(experiment, c)
+        if stored.complete and stored.problem() is None:
+            note("stored", stored.run_id)
+        else:
+            todo.append(c)
+    if todo:
+        run = _pool_map if executor == "local" else _ray_map
+        run(str(store.root), experiment, todo, run_fn, env_fn, note, workers=workers, address=address, poll=poll)
+
+
+def _report(store: RunStore, experiment: str, configs: Sequence[Any], status: Mapping[str, str]) -> SweepReport:
     runs = [store.run(experiment, c) for c in configs]
     return SweepReport(
         runs,
@@ -228,7 +250,7 @@ def _sweep_sequential(store, experiment, configs, run_fn, env_fn, note, poll) ->
     if launch.join_from_env():  # torchrun: all processes run each run together; rank 0 decides and writes
         for config in configs:
             stored = store.run(experiment, config)
-            skip = launch.broadcast_object(stored.complete)
+            skip = launch.broadcast_object(store.complete_or_quarantine(stored) if launch.is_main_process() else None)
             if skip:
                 note("stored", stored.run_id)
                 continue
@@ -265,7 +287,7 @@ def _pool_map(root, experiment, todo, run_fn, env_fn, note, *, workers, address,
             "executor='local' needs a picklable run function and env function (module-level functions or "
             f"functools.partial of them): {e}"
         ) from None
-    n = workers or os.cpu_count() or 1
+    n = workers or os.cpu_count() or 1  # workers is at most the CPU count (checked by sweep)
     with cf.ProcessPoolExecutor(max_workers=min(n, len(todo)), mp_context=multiprocessing.get_context("spawn")) as ex:
         pending = list(todo)
         while pending:

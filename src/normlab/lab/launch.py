@@ -38,12 +38,33 @@ Conventions
   ``state.loss`` is that process's back-propagated loss (``sum(local CE) *
   W / B``, not the global mean); if it stops a run, it must decide
   identically on every process.
+
+Failures
+--------
+* **Timeout**: a collective (the gradient all-reduce of every step, the loss
+  all-reduce every ``sync_every`` steps, a barrier) that waits longer than
+  ``NORMLAB_DIST_TIMEOUT`` seconds fails the run on the processes still
+  alive: that is how a hung or stopped peer ends a run. The default is
+  proportionate to what a process waits for in a healthy run (the skew of
+  one step or one evaluation between processes): **120 s with gloo** (CPU)
+  and 600 s with nccl (GPUs, where a first step may also compile kernels).
+  Raise it for models whose single step takes minutes.
+* **The local launcher** (``--nproc``, :func:`run_local`) watches its
+  processes every 0.2 s. When one fails it stops the others and prints one
+  line naming every failed rank, its pid and how it ended (``rank 1 (pid
+  4242) was killed by signal SIGKILL``, ``... exited with status 1``, ``...
+  is stopped``); its exit status is the first failed rank's (128 + signal
+  for a signal, as a shell reports it). On Linux each process is started
+  with ``PR_SET_PDEATHSIG``: if the launcher itself dies (even by ``kill
+  -9``), the kernel sends its processes ``SIGTERM``, so none is orphaned.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import datetime
+import math
 import os
 import signal
 import socket
@@ -67,6 +88,8 @@ __all__ = [
     "is_main_process",
     "rank",
     "run_local",
+    "timeout",
+    "DEFAULT_TIMEOUT",
     "broadcast_object",
     "barrier",
 ]
@@ -117,9 +140,27 @@ def _init_group(device: str) -> None:
     backend = "nccl" if _want_cuda(device) else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    timeout = datetime.timedelta(seconds=float(os.environ.get("NORMLAB_DIST_TIMEOUT", "600")))
-    dist.init_process_group(backend, init_method="env://", timeout=timeout)
+    dist.init_process_group(backend, init_method="env://", timeout=timeout(backend))
     atexit.register(_destroy)
+
+
+DEFAULT_TIMEOUT = {"gloo": 120.0, "nccl": 600.0}  # seconds a collective may wait; see "Failures" above
+
+
+def timeout(backend: str) -> datetime.timedelta:
+    """How long a collective may wait: ``NORMLAB_DIST_TIMEOUT`` seconds, else the backend's default."""
+    text = os.environ.get("NORMLAB_DIST_TIMEOUT")
+    if text is None:
+        return datetime.timedelta(seconds=DEFAULT_TIMEOUT.get(backend, 600.0))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        from normlab.lab.config import ConfigError
+
+        raise ConfigError(f"NORMLAB_DIST_TIMEOUT={text!r} must be a positive number of seconds")
+    return datetime.timedelta(seconds=seconds)
 
 
 def _destroy() -> None:
@@ -245,47 +286,114 @@ def run_local(argv: Sequence[str], nproc: int, *, module: str = "normlab", poll:
     Each process gets ``RANK = LOCAL_RANK = i``, ``WORLD_SIZE = nproc``,
     ``LOCAL_WORLD_SIZE = nproc``, ``MASTER_ADDR=127.0.0.1`` and a free
     ``MASTER_PORT``; ``OMP_NUM_THREADS`` defaults to ``cpu_count // nproc``.
-    Rank 0's output passes through; the others' standard output is discarded
-    (their errors are shown). If a process fails, the others are terminated.
-    Returns the first non-zero exit status, else 0.
+    ``nproc`` is at most the CPU count (a ConfigError otherwise). Rank 0's
+    output passes through; the others' standard output is discarded (their
+    errors are shown). If a process fails, the others are stopped and one
+    line on standard error names each failed rank and how it ended (see
+    "Failures" in the module docstring). Returns the first non-zero exit
+    status (128 + signal for a signal), else 0.
     """
-    if nproc < 1:
-        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    from normlab.lab.runtime import check_cpus
+
+    check_cpus("nproc", nproc)
     port = _free_port()
-    procs: list[subprocess.Popen] = []
-    for i in range(nproc):
-        env = dict(os.environ)
-        env.update(
-            RANK=str(i),
-            LOCAL_RANK=str(i),
-            WORLD_SIZE=str(nproc),
-            LOCAL_WORLD_SIZE=str(nproc),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-        )
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        out = None if i == 0 else subprocess.DEVNULL
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env, stdout=out))
-    status = 0
+    procs = [_start_rank(i, nproc, port, argv, module) for i in range(nproc)]
+    failed: list[tuple[int, int]] = []
+    interrupted = False
     try:
-        while any(p.poll() is None for p in procs):
-            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
-            if failed:
-                status = failed[0]
-                break
-            time.sleep(poll)
+        failed = _wait_for_failure(procs, poll)
     except KeyboardInterrupt:
-        status = 130
+        interrupted = True
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT if status == 130 else signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-    if status == 0:
-        status = next((p.returncode for p in procs if p.returncode != 0), 0)
+        if failed or interrupted:
+            stopped = [i for i, p in enumerate(procs) if p.poll() is None and _is_stopped(p.pid)]
+            if failed:
+                print(f"normlab: {_describe(procs, failed, stopped)}; stopping the other processes", file=sys.stderr)
+        _stop(procs, signal.SIGINT if interrupted else signal.SIGTERM)
+    if interrupted:
+        return 130
+    status = failed[0][1] if failed else next((p.returncode for p in procs if p.returncode != 0), 0)
     return 128 - status if status < 0 else status  # killed by signal s: 128 + s, as a shell reports it
+
+
+def _start_rank(rank: int, nproc: int, port: int, argv: Sequence[str], module: str) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(nproc),
+        LOCAL_WORLD_SIZE=str(nproc),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    out = None if rank == 0 else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, "-m", module, *argv], env=env, stdout=out, preexec_fn=_die_with_parent())
+
+
+def _die_with_parent():
+    """A ``preexec_fn`` that makes the child receive SIGTERM when this process dies (Linux), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the launcher died before the line above ran
+            os._exit(1)
+
+    return preexec
+
+
+def _wait_for_failure(procs: Sequence[subprocess.Popen], poll: float) -> list[tuple[int, int]]:
+    """Wait until every process has exited (returns ``[]`` if all exited 0) or one failed: ``[(rank, code)]``."""
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+        if failed or all(c is not None for c in codes):
+            return failed
+        time.sleep(poll)
+
+
+def _is_stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (SIGSTOP, a debugger); False where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+def _describe(procs: Sequence[subprocess.Popen], failed: list[tuple[int, int]], stopped: list[int]) -> str:
+    """``rank 1 (pid 4242) was killed by signal SIGKILL; rank 0 (pid 4241) exited with status 1``."""
+    parts = []
+    for rank, code in failed:
+        if code < 0:
+            try:
+                how = f"was killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with status {code}"
+        parts.append(f"rank {rank} (pid {procs[rank].pid}) {how}")
+    parts += [f"rank {r} (pid {procs[r].pid}) is stopped (SIGSTOP or a debugger)" for r in stopped]
+    return "; ".join(parts)
+
+
+def _stop(procs: Sequence[subprocess.Popen], sig: int, grace: float = 10.0) -> None:
+    """Send ``sig`` to the processes still running (and SIGCONT, so stopped ones act on it); kill after ``grace`` s."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(sig)
+            p.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

@@ -63,10 +63,26 @@ def source_hash() -> str:
     return _SOURCE_HASH
 
 
+def _device_used(device: Any) -> str | None:
+    """The device a run with ``device`` runs on: ``"auto"`` resolved (``"cpu"``, ``"cuda"``, ...), others as given."""
+    if device is None or str(device) != "auto":
+        return None if device is None else str(device)
+    from normlab.lab.runtime import resolve_device
+
+    return str(resolve_device("auto"))
+
+
 def environment(*, device: str | None = None, seed: int | None = None, threads: int | None = None) -> dict[str, Any]:
-    """What a run ran on: versions, device, threads, seed, git revision, host and time (UTC, ISO 8601)."""
+    """What a run ran on: versions, device, threads, seed, git revision, host and time (UTC, ISO 8601).
+
+    ``device`` is recorded as the device used: ``"auto"`` is resolved to what it
+    means on this machine (``"cpu"``, ``"cuda"``), and the request is kept as
+    ``device_requested`` when it differs.
+    """
     import numpy
     import torch
+
+    used = _device_used(device)
 
     try:
         from normlab import __version__ as normlab_version
@@ -80,8 +96,9 @@ def environment(*, device: str | None = None, seed: int | None = None, threads: 
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "device": device,
-        "cuda": torch.cuda.get_device_name(0) if device and str(device).startswith("cuda") else None,
+        "device": used,
+        **({"device_requested": str(device)} if used != (None if device is None else str(device)) else {}),
+        "cuda": torch.cuda.get_device_name(torch.device(used)) if used and used.startswith("cuda") else None,
         "threads": threads if threads is not None else torch.get_num_threads(),
         "seed": seed,
         "git_revision": git_revision(),

@@ -1,9 +1,11 @@
-"""The process a run lives in: the C allocator's policy and the device.
+"""The process a run lives in: the C allocator's policy, the device and how many CPUs it may ask for.
 
 :func:`tune_allocator` asks glibc's ``malloc`` to keep large blocks (a fresh
 activation of a few megabytes is otherwise ``mmap``-ed and page-faulted anew on
 every step); :func:`resolve_device` turns ``"auto"``/``"cuda:1"``/... into a
-``torch.device`` that exists here, or a :class:`~normlab.lab.config.ConfigError`.
+``torch.device`` that exists here, or a :class:`~normlab.lab.config.ConfigError`;
+:func:`check_cpus` refuses a thread or process count above the machine's CPU
+count (``threads=100000`` would otherwise crash the process mapping thread stacks).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from normlab.lab.config import DEVICE_PATTERN, ConfigError
 
-__all__ = ["tune_allocator", "resolve_device"]
+__all__ = ["tune_allocator", "resolve_device", "check_cpus"]
 
 
 _ALLOCATOR_TUNED: bool | None = None
@@ -71,3 +73,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError("device='mps' requested but MPS is not available here; use device=cpu or device=auto")
     return torch.device(name)
+
+
+def check_cpus(what: str, n: int | None) -> int | None:
+    """Return ``n`` if it is None or in ``[1, os.cpu_count()]``; else raise a one-line ConfigError.
+
+    ``what`` names the setting in the message (``"threads"``, ``"--workers"``,
+    ``"--nproc"``). Threads, pool workers and DDP processes beyond the CPUs
+    of the machine only oversubscribe it, and a count in the tens of thousands
+    kills the process (thread stacks cannot be mapped), so they are refused.
+    """
+    if n is None:
+        return None
+    cpus = os.cpu_count() or 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= cpus:
+        raise ConfigError(f"{what}={n!r} must be between 1 and {cpus} (the CPUs of this machine)")
+    return n

@@ -36,8 +36,10 @@ Conventions
   itself (generation of synthetic sets, the ``n_train`` subset). On CUDA a
   few kernels are non-deterministic; nothing here forces deterministic ones.
 * Models reach norms only through ``norm_layer=`` (a registered name, or
-  ``functools.partial(make_norm, name, **norm_kwargs)``); sequence datasets
-  pass their padding mask as ``model(x, mask=mask)``.
+  ``functools.partial(make_norm, name, **norm_kwargs)``, or the class an
+  experiment passes as ``train(..., norm_layer=cls)`` for a layer it defines
+  without registering it); sequence datasets pass their padding mask as
+  ``model(x, mask=mask)``.
 * Several processes: launched by ``torchrun`` or ``normlab ... --nproc N``,
   ``train`` trains one model with DistributedDataParallel. ``batch_size`` is
   then the global batch (each process takes its slice), BN layers become
@@ -60,6 +62,7 @@ tune_malloc=False)`` is passed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -72,7 +75,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normlab.lab.config import ConfigError, TrainConfig
-from normlab.lab.runtime import resolve_device, tune_allocator
+from normlab.lab.progress import TRAIN_INTERVAL, Progress
+from normlab.lab.runtime import check_cpus, resolve_device, tune_allocator
 
 __all__ = [
     "RunResult",
@@ -138,17 +142,20 @@ class TrainState:
 class RunResult:
     """The outcome of :func:`train`: curves, final numbers and what happened.
 
-    ``step_loss``: per optimizer step, nats. ``epochs``: one dict per epoch
+    ``step_loss``: per optimizer step, nats. ``per_epoch``: one dict per epoch
     (also for a last partial epoch after divergence, ``max_steps`` or an early
     stop) with ``epoch``, ``steps``, ``lr``, ``train_loss``, ``train_acc``,
     ``test_loss``, ``test_acc`` (+ ``train_eval_*``), ``time`` (training
-    seconds) and ``eval_time``. ``wall_time``: seconds for the whole call.
-    ``model`` (the trained module) is kept for probes and not serialised.
+    seconds) and ``eval_time``; ``epochs`` is the same list (the older name).
+    ``wall_time``: seconds for the whole call. ``device``: the device used
+    (``"cpu"``, ``"cuda:0"``, ...). ``model`` (the trained module) is kept for
+    probes and not serialised. :meth:`to_metrics` is what the run store keeps
+    as ``metrics.json`` (see :mod:`normlab.lab.store`).
     """
 
     config: TrainConfig
     step_loss: list[float]
-    epochs: list[dict[str, Any]]
+    per_epoch: list[dict[str, Any]]
     wall_time: float
     diverged: bool
     diverged_step: int | None
@@ -161,9 +168,14 @@ class RunResult:
     world_size: int = 1  # processes that trained the model together (torch.distributed)
 
     @property
+    def epochs(self) -> list[dict[str, Any]]:
+        """The per-epoch records (:attr:`per_epoch`, under the name they had before)."""
+        return self.per_epoch
+
+    @property
     def final(self) -> dict[str, Any]:
         """The last epoch's record (empty if no epoch ran)."""
-        return dict(self.epochs[-1]) if self.epochs else {}
+        return dict(self.per_epoch[-1]) if self.per_epoch else {}
 
     def summary(self) -> dict[str, Any]:
         """Scalar results: ``final_*`` from the last epoch, divergence, steps, times."""
@@ -172,7 +184,7 @@ class RunResult:
             "diverged_step": self.diverged_step,
             "steps": self.steps,
             "stopped_early": self.stopped_early,
-            "epochs_run": len(self.epochs),
+            "epochs_run": len(self.per_epoch),
             "wall_time": self.wall_time,
             "num_params": self.num_params,
         }
@@ -186,8 +198,8 @@ class RunResult:
         return out
 
     def to_metrics(self) -> dict[str, Any]:
-        """Everything recorded: ``summary()`` plus ``step_loss`` and ``epochs``."""
-        return {**self.summary(), "step_loss": list(self.step_loss), "epochs": [dict(e) for e in self.epochs]}
+        """Everything recorded: ``summary()`` plus the curves ``step_loss`` and ``per_epoch``."""
+        return {**self.summary(), "step_loss": list(self.step_loss), "per_epoch": [dict(e) for e in self.per_epoch]}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -263,7 +275,7 @@ def load_data(config: TrainConfig):
         kw["n_train"] = config.n_train
     try:
         return load_dataset(config.dataset, seed=config.data_seed, **kw)
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, ValueError, KeyError, FileNotFoundError) as e:
         raise ConfigError(f"dataset={config.dataset!r}: {_message(e)}") from e
 
 
@@ -282,14 +294,17 @@ def _load_data(config: TrainConfig, device: torch.device) -> _Data:
     )
 
 
-def _build_model(config: TrainConfig, data: _Data, device: torch.device) -> nn.Module:
-    """``build_model`` with the norm given only as ``norm_layer`` (a name, or a partial of ``make_norm``)."""
+def _build_model(config: TrainConfig, data: _Data, device: torch.device, layer: Any = None) -> nn.Module:
+    """``build_model`` with the norm given only as ``norm_layer`` (a name, or a partial of ``make_norm``).
+
+    ``layer`` (a class or callable) replaces the registered ``config.norm``.
+    """
     from normlab.lab.models import build_model
     from normlab.registry import make_norm
 
-    norm_layer: Any = config.norm
+    norm_layer: Any = config.norm if layer is None else layer
     if config.norm_kwargs:
-        norm_layer = functools.partial(make_norm, config.norm, **config.norm_kwargs)
+        norm_layer = functools.partial(make_norm, norm_layer, **config.norm_kwargs)
     torch.manual_seed(config.seed)
     try:
         model = build_model(
@@ -299,8 +314,8 @@ def _build_model(config: TrainConfig, data: _Data, device: torch.device) -> nn.M
             norm_layer=norm_layer,
             **config.model_kwargs,
         )
-    except (TypeError, ValueError, KeyError) as e:
-        raise ConfigError(f"model={config.model!r} with norm={config.norm!r}: {_message(e)}") from e
+    except (TypeError, ValueError, KeyError, RuntimeError, MemoryError) as e:  # RuntimeError: e.g. cannot allocate
+        raise ConfigError(f"model={config.model!r} with norm={config.norm!r}: {_message(e)[:300]}") from e
     model = model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -369,156 +384,285 @@ class _StepLog:
         return {"train_loss": self.loss_sum / max(self.seen, 1), "train_acc": self.correct / max(self.seen, 1)}
 
 
-def train(
-    config: TrainConfig,
-    *,
-    progress: bool = False,
-    callback: Callable[[TrainState], bool | None] | None = None,
-    tune_malloc: bool = True,
-) -> RunResult:
-    """Train ``config.model`` with ``config.norm`` on ``config.dataset``; return a :class:`RunResult`.
+@dataclass
+class _Setup:
+    """What one run trains: the data, the model (and the module the steps call), the optimizer and the batches."""
 
-    See the module docstring for the conventions (losses, accuracies,
-    divergence, determinism). ``progress`` shows a tqdm bar over the steps;
-    ``callback(state)`` is called after every step and every epoch (return
-    ``True`` to stop). ``tune_malloc=False`` leaves the C allocator alone (see
-    :func:`tune_allocator`).
-    """
-    from normlab.lab import launch
-    from normlab.lab.data import Batches
+    data: _Data
+    model: nn.Module  # the module evaluated and returned
+    forward: nn.Module  # what the training steps call: the model, wrapped in DDP and/or compiled
+    optimizer: torch.optim.Optimizer
+    batches: Any  # normlab.lab.data.Batches
+    total_steps: int
+    num_params: int
 
+
+@dataclass
+class _LoopState:
+    """Where the loop is: the step log, the finished epochs' records, the step count, and whether to stop."""
+
+    log: _StepLog
+    per_epoch: list[dict[str, Any]] = field(default_factory=list)
+    step: int = 0
+    stopped: bool = False
+
+
+def _check_config(config: TrainConfig, norm_layer: Any = None) -> None:
+    """The config is a TrainConfig with registered names (its norm only if no layer is given) and threads we have."""
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train() needs a TrainConfig, got {type(config).__name__}")
-    config.validate()
-    start = time.perf_counter()
-    if tune_malloc:
-        tune_allocator()
+    if norm_layer is not None and (isinstance(norm_layer, str) or not callable(norm_layer)):
+        raise TypeError(f"norm_layer must be a class or callable (a name goes in config.norm), got {norm_layer!r}")
+    (config if norm_layer is None else dataclasses.replace(config, norm="none")).validate()
+    check_cpus("threads", config.threads)
+
+
+def _placement(config: TrainConfig):
+    """``(distributed context or None, device)``: joins the process group when a launcher started several."""
+    from normlab.lab import launch
+
     dctx = launch.setup(config.device)  # None unless several processes were launched
     device = dctx.device if dctx is not None else resolve_device(config.device)
     if dctx is not None and config.batch_size < dctx.world_size:
         raise ConfigError(
             f"batch_size={config.batch_size} is the global batch: it must be >= {dctx.world_size} processes"
         )
+    return dctx, device
+
+
+def _make_batches(config: TrainConfig, data: _Data, device: torch.device):
+    from normlab.lab.data import Batches
+
+    try:
+        return Batches(
+            data.x_train,
+            data.y_train,
+            config.batch_size,
+            mask=data.mask_train,
+            shuffle=True,
+            seed=config.seed,
+            drop_last=config.drop_last,
+            augment=config.augment,
+            device=device,
+            order=config.batch_order,
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"batches: {_message(e)}") from e
+
+
+def _smallest_slice(config: TrainConfig, n: int, dctx) -> int:
+    """The fewest examples a batch-statistics layer sees in one training step (the last batch, a rank's slice)."""
+    sizes = [min(config.batch_size, n)]
+    if not config.drop_last and n % config.batch_size:
+        sizes.append(n % config.batch_size)
+    if dctx is not None and not config.sync_bn:  # each process normalises its own slice
+        sizes = [b // dctx.world_size for b in sizes]
+    return min(sizes)
+
+
+def _check_smallest_batch(config: TrainConfig, data: _Data, model: nn.Module, dctx) -> None:
+    """Refuse, before training, a batch the model cannot train on (a last batch of one example under BatchNorm).
+
+    The smallest batch is tried once in train mode on a copy of the model
+    (random state restored), so the run itself is unchanged.
+    """
+    n = data.x_train.shape[0]
+    k = _smallest_slice(config, n, dctx)
+    if k >= 2:
+        return
+    where = f"{n} training examples and batch_size={config.batch_size}"
+    if dctx is not None and not config.sync_bn:
+        where += f" on {dctx.world_size} processes with sync_bn=false"
+    if _smallest_slice(dataclasses.replace(config, drop_last=True), n, dctx) == k:  # the full batches are the issue
+        fix = "use a larger batch_size" + (" (or sync_bn=true)" if dctx is not None and not config.sync_bn else "")
+    else:  # the last, partial batch
+        fix = "set drop_last=true or a batch_size that leaves no 1-example last batch"
+    if k < 1:
+        raise ConfigError(f"{where} leave a process with an empty batch; {fix}")
+    import copy
+
+    mask = data.mask_train
+    with torch.random.fork_rng(devices=[data.x_train.device] if data.x_train.is_cuda else []):
+        probe = copy.deepcopy(model).train()
+        try:
+            _forward(probe, data.x_train[:1], None if mask is None else mask[:1])
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(
+                f"drop_last={str(config.drop_last).lower()} with {where} gives batches of 1 example, and the model "
+                f"cannot train on them ({_message(e).split(';')[0][:200]}); {fix}"
+            ) from None
+
+
+def _prepare(config: TrainConfig, dctx, device: torch.device, norm_layer: Any = None) -> _Setup:
+    """Load the data, build the model, its optimizer and the batches, check the smallest batch, wrap the model."""
+    data = _load_data(config, device)
+    model = _build_model(config, data, device, norm_layer)
+    optimizer = _make_optimizer(config, model)
+    batches = _make_batches(config, data, device)
+    _check_smallest_batch(config, data, model, dctx)
+    net = dctx.wrap(model, sync_bn=config.sync_bn) if dctx is not None else model
+    total_steps = len(batches) * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    return _Setup(
+        data=data,
+        model=model,
+        forward=torch.compile(net) if config.compile else net,
+        optimizer=optimizer,
+        batches=batches,
+        total_steps=total_steps,
+        num_params=sum(p.numel() for p in model.parameters()),
+    )
+
+
+def _train_epoch(config: TrainConfig, setup: _Setup, state: _LoopState, epoch: int, dctx, callback, bar) -> float:
+    """One pass over the batches (or up to the step limit, divergence or a stop); returns the last step's lr."""
+    opt, log = setup.optimizer, state.log
+    steps_per_epoch = len(setup.batches)
+    lr = config.lr
+    for batch in setup.batches:
+        if state.step >= setup.total_steps:
+            break
+        x, y = batch[0], batch[1]
+        mask = batch[2] if len(batch) > 2 else None
+        n = y.shape[0]
+        if dctx is not None:  # this process's slice of the global batch
+            x, y, mask, n = dctx.shard(x, y, mask)
+        lr = lr_at(config, state.step, steps_per_epoch, setup.total_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        try:
+            out = _forward(setup.forward, x, mask)  # (N, num_classes)
+        except (TypeError, ValueError, RuntimeError) as e:
+            if state.step > 0:
+                raise
+            raise ConfigError(  # the very first batch: the model, its norm and the data do not fit together
+                f"model={config.model!r} with norm={config.norm!r} cannot run on {config.dataset!r} batches of shape "
+                f"{tuple(x.shape)}: {_message(e).split(';')[0][:300]}"
+            ) from e
+        if dctx is None:
+            loss = logged = F.cross_entropy(out, y)
+        else:
+            loss, logged = dctx.loss(out, y, n)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        state.step += 1
+        log.add(logged, out, y, n)
+        bar.update(1)
+        if callback is not None:
+            event = TrainState("step", state.step, epoch, setup.model, opt, config, loss=loss.detach())
+            state.stopped = bool(callback(event))
+        if (len(log.pending) >= config.sync_every and log.flush()) or state.stopped:
+            break
+    log.flush()
+    return lr
+
+
+def _evaluate_epoch(config: TrainConfig, setup: _Setup, state: _LoopState, epoch: int, lr: float, train_time: float):
+    """The epoch's record: the train-mode means of its steps and the eval-mode test (and train) numbers."""
+    data = setup.data
+    t1 = time.perf_counter()
+    test_loss, test_acc = evaluate(
+        setup.model, data.x_test, data.y_test, mask=data.mask_test, batch_size=config.eval_batch_size
+    )
+    record: dict[str, Any] = {
+        "epoch": epoch,
+        "steps": len(state.log.step_loss),
+        "lr": lr,
+        **state.log.epoch_means(),
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+    }
+    if config.eval_train:
+        tl, ta = evaluate(
+            setup.model, data.x_train, data.y_train, mask=data.mask_train, batch_size=config.eval_batch_size
+        )
+        record["train_eval_loss"], record["train_eval_acc"] = tl, ta
+    record["time"] = train_time
+    record["eval_time"] = time.perf_counter() - t1
+    return record
+
+
+def train(
+    config: TrainConfig,
+    *,
+    progress: bool | str = False,
+    callback: Callable[[TrainState], bool | None] | None = None,
+    tune_malloc: bool = True,
+    norm_layer: type | Callable[..., nn.Module] | None = None,
+) -> RunResult:
+    """Train ``config.model`` with ``config.norm`` on ``config.dataset``; return a :class:`RunResult`.
+
+    See the module docstring for the conventions (losses, accuracies,
+    divergence, determinism). ``progress`` shows a bar over the steps on a
+    terminal, elsewhere a line whenever no progress line was printed for 30 s
+    (see :mod:`normlab.lab.progress`). ``callback(state)`` is called after
+    every step and every epoch (return ``True`` to stop). ``tune_malloc=False``
+    leaves the C allocator alone (see :func:`tune_allocator`). A config this
+    machine cannot run (more threads than CPUs, a batch the model cannot train
+    on, ...) raises :class:`ConfigError` before any training. ``norm_layer`` (a
+    class or callable, as :func:`normlab.make_norm` accepts) builds every norm
+    layer in place of the registered ``config.norm``, which then only labels
+    the run and is not looked up: for a layer an experiment defines without
+    adding it to the registry.
+    """
+    _check_config(config, norm_layer)
+    start = time.perf_counter()
+    if tune_malloc:
+        tune_allocator()
+    dctx, device = _placement(config)
     old_threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
-        data = _load_data(config, device)
-        model = _build_model(config, data, device)
-        num_params = sum(p.numel() for p in model.parameters())
-        opt = _make_optimizer(config, model)
-        net = dctx.wrap(model, sync_bn=config.sync_bn) if dctx is not None else model
-        fwd = torch.compile(net) if config.compile else net
-        try:
-            batches = Batches(
-                data.x_train,
-                data.y_train,
-                config.batch_size,
-                mask=data.mask_train,
-                shuffle=True,
-                seed=config.seed,
-                drop_last=config.drop_last,
-                augment=config.augment,
-                device=device,
-                order=config.batch_order,
-            )
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"batches: {_message(e)}") from e
-        steps_per_epoch = len(batches)
-        total_steps = steps_per_epoch * config.epochs
-        if config.max_steps is not None:
-            total_steps = min(total_steps, config.max_steps)
-
-        log = _StepLog(config.divergence_loss, reduce=dctx.all_reduce_sum if dctx is not None else None)
-        epochs: list[dict[str, Any]] = []
-        stopped = False
-        step = 0
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=total_steps, desc=f"{config.model}/{config.norm} lr={config.lr:g}", unit="step", leave=False
-            )
-
+        setup = _prepare(config, dctx, device, norm_layer)
+        state = _LoopState(_StepLog(config.divergence_loss, reduce=dctx.all_reduce_sum if dctx is not None else None))
+        bar = Progress(
+            setup.total_steps,
+            f"{config.model}/{config.norm} lr={config.lr:g}",
+            unit="step",
+            progress=progress,
+            interval=TRAIN_INTERVAL,
+            own=False,
+            first=False,
+            last=False,
+            leave=False,
+        )
         for epoch in range(config.epochs):
-            if step >= total_steps:
+            if state.step >= setup.total_steps:
                 break
-            model.train()
-            log.start_epoch()
+            setup.model.train()
+            state.log.start_epoch()
             t0 = time.perf_counter()
-            lr = config.lr
-            for batch in batches:
-                if step >= total_steps:
-                    break
-                x, y = batch[0], batch[1]
-                mask = batch[2] if len(batch) > 2 else None
-                n = y.shape[0]
-                if dctx is not None:  # this process's slice of the global batch
-                    x, y, mask, n = dctx.shard(x, y, mask)
-                lr = lr_at(config, step, steps_per_epoch, total_steps)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                out = _forward(fwd, x, mask)  # (N, num_classes)
-                if dctx is None:
-                    loss = logged = F.cross_entropy(out, y)
-                else:
-                    loss, logged = dctx.loss(out, y, n)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                log.add(logged, out, y, n)
-                if bar is not None:
-                    bar.update(1)
-                if callback is not None:
-                    stopped = bool(callback(TrainState("step", step, epoch, model, opt, config, loss=loss.detach())))
-                if (len(log.pending) >= config.sync_every and log.flush()) or stopped:
-                    break
-            log.flush()
-            train_time = time.perf_counter() - t0
-
-            t1 = time.perf_counter()
-            test_loss, test_acc = evaluate(
-                model, data.x_test, data.y_test, mask=data.mask_test, batch_size=config.eval_batch_size
+            lr = _train_epoch(config, setup, state, epoch, dctx, callback, bar)
+            record = _evaluate_epoch(config, setup, state, epoch, lr, time.perf_counter() - t0)
+            state.per_epoch.append(record)
+            bar.set_postfix(
+                epoch=f"{epoch + 1}/{config.epochs}",
+                loss=f"{record['train_loss']:.3g}",
+                test_acc=f"{record['test_acc']:.3f}",
             )
-            record: dict[str, Any] = {
-                "epoch": epoch,
-                "steps": len(log.step_loss),
-                "lr": lr,
-                **log.epoch_means(),
-                "test_loss": test_loss,
-                "test_acc": test_acc,
-            }
-            if config.eval_train:
-                tl, ta = evaluate(
-                    model, data.x_train, data.y_train, mask=data.mask_train, batch_size=config.eval_batch_size
-                )
-                record["train_eval_loss"], record["train_eval_acc"] = tl, ta
-            record["time"] = train_time
-            record["eval_time"] = time.perf_counter() - t1
-            epochs.append(record)
-            if bar is not None:
-                bar.set_postfix(loss=f"{record['train_loss']:.3g}", test_acc=f"{test_acc:.3f}")
-            if callback is not None and callback(TrainState("epoch", step, epoch, model, opt, config, metrics=record)):
-                stopped = True
-            if stopped or log.diverged_step is not None:
+            if callback is not None and callback(
+                TrainState("epoch", state.step, epoch, setup.model, setup.optimizer, config, metrics=record)
+            ):
+                state.stopped = True
+            if state.stopped or state.log.diverged_step is not None:
                 break
-        if bar is not None:
-            bar.close()
+        bar.close()
         return RunResult(
             config=config,
-            step_loss=log.step_loss,
-            epochs=epochs,
+            step_loss=state.log.step_loss,
+            per_epoch=state.per_epoch,
             wall_time=time.perf_counter() - start,
-            diverged=log.diverged_step is not None,
-            diverged_step=log.diverged_step,
-            steps=len(log.step_loss),
-            stopped_early=stopped,
-            num_params=num_params,
+            diverged=state.log.diverged_step is not None,
+            diverged_step=state.log.diverged_step,
+            steps=len(state.log.step_loss),
+            stopped_early=state.stopped,
+            num_params=setup.num_params,
             device=str(device),
             threads=torch.get_num_threads(),
-            model=model,
+            model=setup.model,
             world_size=dctx.world_size if dctx is not None else 1,
         )
     finally:

@@ -19,10 +19,11 @@ from normlab.lab.data import _builtin, _cifar, _synthetic  # noqa: F401  (regist
 from normlab.lab.data._batches import Augment, Batches
 from normlab.lab.data._builtin import cache_dir, mnist1d_arrays
 from normlab.lab.data._cifar import download_cifar, read_cifar
-from normlab.lab.data._core import Dataset, dataset_names, load_dataset, register_dataset, stratified_subset
+from normlab.lab.data._core import Dataset, Raw, dataset_names, load_dataset, register_dataset, stratified_subset
 
 __all__ = [
     "Dataset",
+    "Raw",
     "load_dataset",
     "dataset_names",
     "register_dataset",

@@ -101,6 +101,7 @@ __all__ = [
     "judge_rows",
     "forest_plot",
     "preregistration",
+    "split_preregistration",
     "mean_std",
     "fmt_mean_std",
     "values",
@@ -312,13 +313,21 @@ class Experiment:
 
 def preregistration(doc: str) -> str:
     """The section of ``doc`` headed "Pre-registration" (a line of dashes under it), up to the next heading."""
+    return split_preregistration(doc)[0]
+
+
+def split_preregistration(doc: str) -> tuple[str, str]:
+    """``(the Pre-registration section's text, the rest of doc)``; ``("", doc)`` when there is none."""
     lines = (doc or "").splitlines()
-    heading = lambda i: i + 1 < len(lines) and lines[i].strip() and set(lines[i + 1].strip()) == {"-"}  # noqa: E731
+
+    def heading(i: int) -> bool:
+        return i + 1 < len(lines) and bool(lines[i].strip()) and set(lines[i + 1].strip()) == {"-"}
+
     start = next((i for i in range(len(lines)) if heading(i) and lines[i].strip().lower() == "pre-registration"), None)
     if start is None:
-        return ""
+        return "", doc or ""
     end = next((i for i in range(start + 2, len(lines)) if heading(i)), len(lines))
-    return "\n".join(lines[start + 2 : end]).strip()
+    return "\n".join(lines[start + 2 : end]).strip(), "\n".join(lines[:start] + lines[end:])
 
 
 # modules not yet moved onto the verdict engine (transitional: emptied as each is ported)
@@ -327,24 +336,18 @@ _NOT_PORTED = {
     "batch_size",
     "small_batch_fixes",
     "lr_vs_batch",
-    "bn_vs_ln",
-    "skipinit_depth",
-    "ics",
-    "smoothness",
-    "centering",
-    "residual_variance",
-    "residual_paths",
-    "saturation",
 }
 
 
 def _discover() -> None:
-    """Import every module of ``normlab.lab.experiments``, so that each registers its experiment."""
+    """Import every module of ``normlab.lab.experiments``, then the plugins, so that each registers its experiment."""
     import normlab.lab.experiments as pkg
+    from normlab.lab.plugins import load_plugins
 
     for info in pkgutil.iter_modules(pkg.__path__):
         if not (info.name.startswith("_") or info.name in ("framework", "verdicts") or info.name in _NOT_PORTED):
             importlib.import_module(f"{pkg.__name__}.{info.name}")
+    load_plugins()  # entry points of `normlab.plugins` and NORMLAB_IMPORT modules (pool and Ray workers too)
 
 
 EXPERIMENTS: Registry[Experiment] = Registry("experiment", discover=_discover)
@@ -444,7 +447,7 @@ class ExperimentResult:
 
 
 def _command(name: str, scale: str, seeds: int | None, overrides: Sequence[str] | Mapping[str, Any]) -> str:
-    """The shell command that reproduces a verdict, quoted so that pasting it runs nothing else."""
+    """The shell command that reproduces the sweep, every word quoted (``shlex.join``): safe to paste."""
     parts = ["normlab", "run", name, "--scale", scale]
     if seeds is not None:
         parts += ["--seeds", str(seeds)]
@@ -555,7 +558,9 @@ def run_experiment(
             executor=executor, workers=workers, address=address,
         )  # fmt: skip
         ran += report.ran
-        skipped += [r for r in report.skipped if r not in skipped]
+        skipped += [
+            r for r in report.skipped if r not in skipped and r not in ran
+        ]  # earlier rounds' runs are not "stored"
         rows = report.rows(with_metrics=True)
         verdict = judge_rows(exp, cfg, rows, scale, plan)
         if all(r.status != INCONCLUSIVE for r in verdict.judgement.deciding):

@@ -1,5 +1,65 @@
 """``saturation`` (C14): BN keeps sigmoid/tanh units in their responsive range, so gradients do not vanish with depth.
 
+Pre-registration
+----------------
+**Claim** (our words). Normalising the pre-activations keeps saturating
+activations (sigmoid, tanh) away from their flat regions, so that fewer units
+saturate and the gradient does not vanish as it flows down a deep stack.
+**Source**: S2 (the list of what normalisation does, item 2: inputs brought
+into a small range make it less likely that the activation sits in its
+saturated region, which reduces vanishing gradients; and its section on
+saturating non-linearities: a layer whose activation input lies in the flat
+region multiplies its weight gradient by a near-zero derivative, and the
+deeper the net the smaller the gradient gets); S3 (among the problems of
+internal covariate shift: shifting lower-layer inputs push upper layers into
+saturation and learning stops early; BN keeps gradients effective). Both
+summarise Ioffe & Szegedy 2015, §1.
+
+**Arms**: a 10-hidden-layer MLP (64 units, Glorot init) on digits, with
+BatchNorm (``norm=batchnorm``) and without (``norm=none``), for each
+activation (sigmoid, tanh). Same seed = same initial weights and batch order
+in both arms, so every part is **paired by seed**.
+
+**Deciding parts** (four; each activation has both):
+
+* ``sigmoid-saturation`` and ``tanh-saturation`` -- metric ``saturated``:
+  the fraction of pre-activations in the flat region (``phi'(z)/phi'(0) <
+  0.05``), averaged over layers and over the probe points (step 1 and the end
+  of every epoch). Arm A no norm, arm B BN, direction "greater" (more
+  saturated units without BN), linear scale, **δ = 0.01** (one unit in a
+  hundred). Why: a practical threshold -- saturation of under 1 % of the
+  units closes under 1 % of a layer's gradient paths and cannot be what makes
+  a gradient vanish; a difference that small is "no practical difference in
+  saturation".
+* ``sigmoid-grad-spread`` and ``tanh-grad-spread`` -- metric ``grad_spread``:
+  decades between the largest and the smallest layer-gradient norm
+  (``log10 max_l |g_l| - log10 min_l |g_l|`` over the 11 Linear layers),
+  averaged over the probe points. Arm A BN, arm B no norm, direction "less"
+  (steadier gradients across depth with BN), linear scale in decades,
+  **δ = 0.5 decades** (a factor √10 ≈ 3). Why: a practical threshold -- with
+  one learning rate for every layer, a layer whose gradient is 3x smaller
+  learns 3x slower, which matters; a smaller change of the spread is within
+  what a choice of learning rate absorbs. A run whose gradient norms are
+  never finite (diverged) counts as 10 decades (``missing=10``): more spread
+  than any finite run shows.
+
+**Reported parts** (shown, never deciding): ``sigmoid-accuracy`` and
+``tanh-accuracy`` -- final test accuracy, BN minus no norm, "greater",
+δ = 0.02 (two test digits in a hundred), a diverged run counting as chance
+(0.1). They say whether BN helps the task at all here; the claim is about
+the mechanism (saturation, gradient flow), not the accuracy.
+
+**Does not hold** if any deciding part does not hold: BN does not lower
+saturation by at least 1 % of the units (or raises it), or BN does not narrow
+the gradient spread by at least half a decade (or widens it), in either
+network. The claim links the two: where gradients vanish without any
+saturation (or saturate without vanishing), the verdict's sentence says so.
+
+**Budget** (quick): seeds in rounds of 3, at most 12 (2 activations x 2
+norms = 4 runs per seed). Measured runtime: see Design.
+
+Design
+------
 Deep MLPs (``build_model("mlp")``: ``depth`` hidden layers of ``width``
 units, Linear -> norm -> activation, Glorot/Xavier init, the classical
 choice for saturating activations) with sigmoid and with tanh, each with
@@ -15,38 +75,28 @@ the batch's statistics, as in training; the probes leave the model as found):
 * :func:`normlab.lab.probes.gradient_norms`: ``|grad L|_2`` of each Linear
   layer's weight and bias (the hidden layers and the classifier).
 
-From the stored curves, per run:
-
-* ``saturated``: the saturated fraction averaged over layers and checkpoints;
-* ``grad spread``: ``log10(max_l |g_l| / min_l |g_l|)`` over the Linear
-  layers, averaged over checkpoints (decades between the largest and smallest
-  layer gradient: large when gradients vanish, or explode, along the depth);
-* ``grad drift`` (reported only): per layer, the std over checkpoints of
-  ``log10 |g_l|``, averaged over layers (how much the norms move in time).
-
-Verdict rule, per activation (then :func:`~normlab.lab.experiments.framework.combine`
-over the activations and the two parts): (1) ``compare(none, batchnorm,
-"greater")`` on ``saturated`` -- fewer saturated units with BN; (2)
-``compare(batchnorm, none, "less")`` on ``grad spread`` -- steadier gradient
-norms across depth with BN. Intervals are mean ± 1 std over seeds; overlap
-(e.g. both nets with no saturated units at all) is inconclusive. Final test
-accuracies are reported, not judged.
+From the stored curves, per run (:func:`measure`): ``saturated`` (the
+saturated fraction averaged over layers and checkpoints), ``grad_spread``
+(decades, averaged over checkpoints) and ``grad_drift`` (reported in the
+numbers only: per layer, the std over checkpoints of ``log10 |g_l|``,
+averaged over layers -- how much the norms move in time).
 
 Command: ``normlab run saturation`` (``--scale smoke|quick|full``).
 Runtime on this 2-core CPU, one thread per run: smoke ~5 s; quick (digits,
-10 hidden layers of 64, 8 epochs, 2 activations x 2 norms x 3 seeds = 12
-runs, 9 probe points each) ~20 s measured (19 s wall, 12 s user CPU); full (CIFAR-10 flattened, 20 hidden
-layers of 256, 30 epochs, 5 seeds) is for a GPU, tens of minutes there.
+10 hidden layers of 64, 8 epochs, 4 runs per seed, 9 probe points each):
+decided at the first look (3 seeds) in 16 s of CPU (user + system, measured
+with ``/usr/bin/time`` on the shared machine, start-up and figures included),
+about 3.5 s per seed, so under 1 min at the full budget of 12 seeds; full
+(CIFAR-10 flattened, 20 hidden layers of 256, 30 epochs) is for a GPU.
 
 Expected (Ioffe & Szegedy 2015, §1 and Fig. 1; Glorot & Bengio 2010 for the
 saturation of deep sigmoid nets): with BN fewer units saturate and the
-gradient norms stay of the same order across layers and through training;
-without BN deep sigmoid/tanh stacks saturate and their early layers' gradients
-vanish. A pilot (seed 0) found the no-BN sigmoid net's gradients vanishing by
+gradient norms stay of the same order across layers. A pilot (seed 0, before
+this pre-registration) found the no-BN sigmoid net's gradients vanishing by
 about five decades across 11 layers with *no* saturated unit at all (its
-pre-activations sit in the linear region; the derivative's maximum of 1/4 per
-layer is enough), while the no-BN tanh net saturated progressively during
-training.
+pre-activations sit in the linear region; the derivative's maximum of 1/4
+per layer is enough), while the no-BN tanh net saturated progressively
+during training.
 """
 
 from __future__ import annotations
@@ -58,25 +108,28 @@ from typing import Any
 
 from normlab.lab.experiments.framework import (
     Experiment,
+    Part,
     Run,
-    Verdict,
-    combine,
-    compare,
-    fmt_mean_std,
     mean_std,
     pyplot,
     register_experiment,
     save_figure,
 )
+from normlab.lab.experiments.verdicts import Judgement
 
-__all__ = ["SaturationConfig", "EXPERIMENT", "saturated_mean", "grad_spread", "grad_drift"]
+__all__ = ["SaturationConfig", "EXPERIMENT", "saturated_mean", "grad_spread", "grad_drift", "measure"]
+
+SPREAD_DIVERGED = 10.0  # decades counted for a run whose gradient norms are never finite (a diverged run)
+CHANCE = 0.1  # test accuracy counted for a diverged run (10 classes of digits)
 
 
 @dataclass(frozen=True)
 class SaturationConfig:
-    """C14 saturation; see the module docstring for the command, runtimes, the verdict rule and the expected result."""
+    """C14 saturation; the module docstring has the pre-registration, the command and the runtimes."""
 
-    seeds: int = 3  # seeds per (activation, norm)
+    seeds: int = 3  # seeds per round (the first look, and each later round)
+    max_seeds: int = 12  # seed budget per (activation, norm)
+    threads: int = 1  # torch threads per run (not part of the run id)
     activations: tuple[str, ...] = ("sigmoid", "tanh")  # saturating activations compared
     norms: tuple[str, ...] = ("batchnorm", "none")  # the first is the normalised net, the last the baseline
     dataset: str = "digits"  # dataset name (normlab.lab.data.dataset_names())
@@ -89,11 +142,12 @@ class SaturationConfig:
     batch_size: int = 64  # examples per optimizer step
     threshold: float = 0.05  # a unit is saturated when phi'(z) / phi'(0) is below this (dimensionless)
     probe_examples: int = 512  # training examples in the fixed probe batch
-    threads: int = 1  # torch threads per run
     data_dir: str | None = None  # folder of the CIFAR batches (full scale only; not part of the run id)
 
 
 def _grid(cfg: SaturationConfig):
+    if len(cfg.norms) != 2:
+        raise ValueError(f"saturation: norms must name two arms (normalised, baseline), got {cfg.norms}")
     for act in cfg.activations:
         for norm in cfg.norms:
             yield {
@@ -110,7 +164,6 @@ def _grid(cfg: SaturationConfig):
                 "batch_size": cfg.batch_size,
                 "threshold": cfg.threshold,
                 "probe_examples": cfg.probe_examples,
-                "threads": cfg.threads,
             }
 
 
@@ -175,53 +228,124 @@ def grad_drift(row: dict[str, Any]) -> float:
     return sum(per_layer) / len(per_layer)
 
 
-def _by(rows, act: str, norm: str, fn) -> list[float]:
-    out = [fn(r) for r in rows if r["activation"] == act and r["norm"] == norm]
-    return [v for v in out if math.isfinite(v)]
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
-def _analyse(rows: list[dict[str, Any]], cfg: SaturationConfig) -> Verdict:
-    norm_bn, norm_none = cfg.norms[0], cfg.norms[-1]
-    acts = [a for a in cfg.activations if any(r["activation"] == a for r in rows)]
-    parts: dict[str, Verdict] = {}
+def measure(rows: list[dict[str, Any]], cfg: SaturationConfig) -> list[dict[str, Any]]:
+    """One row per run: its activation, norm and seed with ``saturated``, ``grad_spread``, ``grad_drift``, ``test_acc``.
+
+    Non-finite values become None (the parts count them as declared: a diverged run's accuracy as chance, its
+    spread as :data:`SPREAD_DIVERGED` decades); a diverged run's test accuracy is None whatever it evaluated to.
+    """
+    out = []
+    for r in rows:
+        acc = r.get("final_test_acc")
+        ok = isinstance(acc, (int, float)) and math.isfinite(acc) and not r.get("diverged")
+        out.append(
+            {
+                "activation": r["activation"],
+                "norm": r["norm"],
+                "seed": int(r["seed"]),
+                "saturated": _finite_or_none(saturated_mean(r)),
+                "grad_spread": _finite_or_none(grad_spread(r)),
+                "grad_drift": _finite_or_none(grad_drift(r)),
+                "test_acc": float(acc) if ok else None,
+                "diverged": bool(r.get("diverged")),
+            }
+        )
+    return out
+
+
+def _parts(cfg: SaturationConfig) -> list[Part]:
+    bn, none = cfg.norms[0], cfg.norms[-1]
+    parts = []
+    for act in cfg.activations:
+        sel = lambda norm, act=act: {"activation": act, "norm": norm}  # noqa: E731
+        parts += [
+            Part(
+                name=f"{act}-saturation",
+                says=f"{act}: more units saturate without BN than with it",
+                metric="saturated",
+                a=sel(none),
+                b=sel(bn),
+                direction="greater",
+                margin=0.01,
+                why="practical threshold: under 1 % of the units saturated cannot make a layer's gradient vanish",
+                unit="fraction of units",
+                label_a=f"{act}, {none}",
+                label_b=f"{act}, {bn}",
+            ),
+            Part(
+                name=f"{act}-grad-spread",
+                says=f"{act}: layer gradient norms span fewer decades with BN than without",
+                metric="grad_spread",
+                a=sel(bn),
+                b=sel(none),
+                direction="less",
+                margin=0.5,
+                why="practical threshold: a 3x (half a decade) slower layer matters; less is absorbed by the lr choice",
+                missing=SPREAD_DIVERGED,
+                unit="decades",
+                label_a=f"{act}, {bn}",
+                label_b=f"{act}, {none}",
+            ),
+            Part(
+                name=f"{act}-accuracy",
+                says=f"{act}: BN reaches a higher test accuracy than no norm (reported)",
+                metric="test_acc",
+                a=sel(bn),
+                b=sel(none),
+                direction="greater",
+                margin=0.02,
+                why="two test digits in a hundred: a smaller difference is not worth a sentence",
+                missing=CHANCE,
+                decides=False,
+                unit="accuracy",
+                label_a=f"{act}, {bn}",
+                label_b=f"{act}, {none}",
+            ),
+        ]
+    return parts
+
+
+def _mean(rows: list[dict[str, Any]], metric: str, **where: Any) -> float:
+    xs = [r[metric] for r in rows if all(r.get(k) == v for k, v in where.items()) and r[metric] is not None]
+    return mean_std(xs)[0] if xs else math.nan
+
+
+def _explain(rows: list[dict[str, Any]], cfg: SaturationConfig, judgement: Judgement) -> tuple[str, dict[str, Any]]:
+    """The finding per activation: whether vanishing gradients and saturation go together, with the numbers."""
+    seeds = judgement.seeds
+    per = [r for r in measure(rows, cfg) if r["seed"] < seeds]
+    bn, none = cfg.norms[0], cfg.norms[-1]
     numbers: dict[str, Any] = {}
-    text = []
-    for act in acts:
-        sat = {n: _by(rows, act, n, saturated_mean) for n in (norm_bn, norm_none)}
-        spr = {n: _by(rows, act, n, grad_spread) for n in (norm_bn, norm_none)}
-        parts[f"{act} saturated"] = compare(
-            sat[norm_none],
-            sat[norm_bn],
-            "greater",
-            name_a=norm_none,
-            name_b=norm_bn,
-            metric=f"{act} saturated fraction",
-        )
-        parts[f"{act} grad spread"] = compare(
-            spr[norm_bn],
-            spr[norm_none],
-            "less",
-            name_a=norm_bn,
-            name_b=norm_none,
-            metric=f"{act} grad spread (decades)",
-        )
-        acc = {n: _by(rows, act, n, lambda r: float(r["final_test_acc"])) for n in (norm_bn, norm_none)}
-        drift = {n: _by(rows, act, n, grad_drift) for n in (norm_bn, norm_none)}
-        numbers[act] = {
-            "test_acc": {n: dict(zip(("mean", "std", "n"), mean_std(v))) for n, v in acc.items() if v},
-            "grad_drift": {n: dict(zip(("mean", "std", "n"), mean_std(v))) for n, v in drift.items() if v},
+    sentences = []
+    for act in cfg.activations:
+        m = {
+            norm: {k: _mean(per, k, activation=act, norm=norm) for k in ("saturated", "grad_spread", "grad_drift")}
+            | {"test_acc": _mean(per, "test_acc", activation=act, norm=norm)}
+            for norm in (bn, none)
         }
-        text.append(
-            f"{act}: saturated {norm_bn} {fmt_mean_std(sat[norm_bn], 2)} vs "
-            f"{norm_none} {fmt_mean_std(sat[norm_none], 2)} "
-            f"[{parts[f'{act} saturated'].status}], grad spread {norm_bn} {fmt_mean_std(spr[norm_bn], 2)} vs "
-            f"{norm_none} {fmt_mean_std(spr[norm_none], 2)} decades [{parts[f'{act} grad spread'].status}], "
-            f"grad drift in time {norm_bn} {fmt_mean_std(drift[norm_bn], 2) if drift[norm_bn] else 'n/a'} vs "
-            f"{norm_none} {fmt_mean_std(drift[norm_none], 2) if drift[norm_none] else 'n/a'} decades (not judged), "
-            f"test acc {norm_bn} {fmt_mean_std(acc[norm_bn], 2)} vs {norm_none} {fmt_mean_std(acc[norm_none], 2)}"
+        numbers[act] = m
+        few_saturated = m[none]["saturated"] < 0.01
+        vanishes = m[none]["grad_spread"] - m[bn]["grad_spread"] >= 0.5
+        text = (
+            f"{act}: without BN {m[none]['saturated']:.2g} of the units saturate (with BN {m[bn]['saturated']:.2g}), "
+            f"layer gradients span {m[none]['grad_spread']:.2f} decades (with BN {m[bn]['grad_spread']:.2f}) "
+            f"and test accuracy is {m[none]['test_acc']:.2f} (with BN {m[bn]['test_acc']:.2f})"
         )
-    verdict = combine(parts)
-    return Verdict(verdict.status, " | ".join(text), {**verdict.numbers, **numbers})
+        if few_saturated and vanishes:
+            text += (
+                " -- the gradient vanishes without saturation: pre-activations stay in the sigmoid's linear "
+                "range, and its slope of at most 1/4 per layer is enough to shrink the gradient layer by layer"
+                if act == "sigmoid"
+                else " -- the gradient vanishes without saturation"
+            )
+        elif not few_saturated and not vanishes:
+            text += " -- units saturate without BN, yet the gradient does not vanish across the depth"
+        sentences.append(text)
+    return "; ".join(sentences) + ".", numbers
 
 
 def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: SaturationConfig) -> list[Path]:
@@ -303,15 +427,19 @@ EXPERIMENT = register_experiment(
         title="BN keeps sigmoid/tanh units out of saturation so gradients do not vanish in deep stacks",
         config=SaturationConfig,
         scales={
-            "smoke": SaturationConfig(seeds=2, depth=4, width=16, epochs=1, n_train=256, probe_examples=64),
+            "smoke": SaturationConfig(
+                seeds=2, max_seeds=2, depth=4, width=16, epochs=1, n_train=256, probe_examples=64
+            ),
             "quick": SaturationConfig(),
             "full": SaturationConfig(
-                seeds=5, dataset="cifar10", depth=20, width=256, epochs=30, batch_size=128, lr=0.05
+                seeds=5, max_seeds=20, dataset="cifar10", depth=20, width=256, epochs=30, batch_size=128, lr=0.05
             ),
         },
         grid=_grid,
         run_one=_run_one,
-        analyse=_analyse,
+        parts=_parts,
+        measure=measure,
+        explain=_explain,
         plot=_plot,
         description=__doc__ or "",
     )

@@ -256,7 +256,7 @@ def _plot(rows: list[dict[str, Any]], out_dir: Path, cfg: ShufflingConfig) -> li
             rs = [r for r in rows if r["norm"] == norm and r["batch_order"] == order]
             if not rs:
                 continue
-            epochs = [[e["test_acc"] for e in r["result.epochs"]] for r in rs]  # "epochs" is the config key
+            epochs = [[e["test_acc"] for e in r["per_epoch"]] for r in rs]  # the per-epoch records
             n = min(len(e) for e in epochs)
             mean = [sum(e[k] for e in epochs) / len(epochs) for k in range(n)]
             ax2.plot(range(1, n + 1), mean, color=f"C{i}", ls=ls, marker=".", label=f"{norm}, {order}")

@@ -101,6 +101,7 @@ __all__ = [
     "judge_arrays",
     "parts_digest",
     "arm_values",
+    "part_cells",
 ]
 
 RULE = "interval-vs-margin, Holm over parts, Bonferroni over looks"
@@ -416,6 +417,42 @@ def _detectable(part: Part, est: Estimate, level: float) -> np.ndarray:
     return q * est.se
 
 
+# --------------------------------------------------------------------------- display
+
+
+def _g(x: Any, digits: int = 3) -> str:
+    return f"{x:.{digits}g}" if isinstance(x, (int, float)) and math.isfinite(x) else str(x)
+
+
+def part_cells(p: Mapping[str, Any]) -> dict[str, str]:
+    """A stored part (:meth:`PartResult.to_dict`) as the strings every display shows.
+
+    Keys: ``part``, ``role`` (decides / reported), ``effect`` (a ratio ``×r``
+    for log-scale parts), ``interval`` (the one the decision used), ``level``,
+    ``ci95``, ``margin`` (``±δ`` or ``×δ``), ``n``, ``decision`` (with the
+    smallest detectable effect when inconclusive), ``says`` and ``why``.
+    """
+    sh, ratio = p["shown"], p.get("scale") == "log10 ratio"
+    x = "×" if ratio else ""
+    decision = str(p["status"])
+    if p["status"] == INCONCLUSIVE and p.get("detectable", 0) > 0:  # no spread across seeds: nothing to state
+        decision += f" (detectable ≥ {x}{_g(sh['detectable'])})"
+    n = str(p["n_a"]) if p["n_a"] == p["n_b"] else f"{p['n_a']}/{p['n_b']}"
+    return {
+        "part": str(p["name"]),
+        "role": "decides" if p.get("decides") else "reported",
+        "effect": f"{x}{_g(sh['effect'])}",
+        "interval": f"[{_g(sh['ci'][0])}, {_g(sh['ci'][1])}]",
+        "level": f"{100 * p['level']:.3g}%",
+        "ci95": f"[{_g(sh['ci95'][0])}, {_g(sh['ci95'][1])}]",
+        "margin": f"{'×' if ratio else '±'}{_g(sh['margin'])}",
+        "n": n,
+        "decision": decision,
+        "says": str(p.get("says", "")),
+        "why": str(p.get("why_margin", "")),
+    }
+
+
 # --------------------------------------------------------------------------- judging a claim
 
 
@@ -434,6 +471,27 @@ class PartResult:
     n_b: int
     detectable: float  # smallest effect detectable at 80 % power at `level` (effect scale)
     note: str = ""  # why a deciding part was left undecided (Holm stopped before it), ...
+
+    @property
+    def seeds_to_decide(self) -> int | None:
+        """About how many seeds per arm would decide this part if the effect is what was observed (None if decided).
+
+        A planning figure, not a promise: the seeds at which the smallest
+        detectable effect shrinks to the observed one (to show it), or at
+        which the interval's half-width fits inside the margin beside it (to
+        show it is too small to matter), whichever is fewer.
+        """
+        if self.status != INCONCLUSIVE or not (self.detectable > 0 and math.isfinite(self.detectable)):
+            return None
+        n = self.n_a
+        eff, delta = abs(self.effect), self.part.delta
+        options = []
+        if self.part.direction != "equivalent" and eff > 0:
+            options.append(n * (self.detectable / eff) ** 2)
+        half = (self.ci[1] - self.ci[0]) / 2
+        if eff < delta and half > 0:
+            options.append(n * (half / (delta - eff)) ** 2)
+        return math.ceil(min(options)) if options else None
 
     def shown(self, x: float) -> float:
         """A value on the effect's scale as the reader sees it: a ratio for log parts."""
@@ -461,6 +519,7 @@ class PartResult:
             "delta": self.part.delta,
             "why_margin": self.part.why,
             "detectable": self.detectable,
+            "seeds_to_decide": self.seeds_to_decide,
             "shown": {
                 "effect": self.shown(self.effect),
                 "ci": [self.shown(x) for x in self.ci],
@@ -482,7 +541,8 @@ class PartResult:
             eff = f"{g(self.effect)} [{g(self.ci[0])}, {g(self.ci[1])}]"
             margin = f"δ {g(self.part.margin)}"
         n = f"n {self.n_a}" if self.part.b is None or self.part.paired else f"n {self.n_a}/{self.n_b}"
-        tail = f" (detectable ≥ {g(self.shown(self.detectable))})" if self.status == INCONCLUSIVE else ""
+        undecided = self.status == INCONCLUSIVE and self.detectable > 0
+        tail = f" (detectable ≥ {g(self.shown(self.detectable))})" if undecided else ""
         return f"{self.part.name}: {eff} at {100 * self.level:.3g} %, {margin}, {n} → {self.status}{tail}"
 
 

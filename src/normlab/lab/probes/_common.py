@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from normlab._feed import feed, model_device, unpack
+
 __all__ = [
     "Batch",
     "LossSpec",
@@ -47,15 +49,6 @@ LossSpec = Callable[..., Tensor]
 MODES = ("train", "eval")
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); CPU for a model with neither."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def _check_mode(mode: str) -> bool:
     if mode not in MODES:
         raise ValueError(
@@ -63,20 +56,6 @@ def _check_mode(mode: str) -> bool:
             "pass mode='train' to use batch statistics or mode='eval' to use the running statistics"
         )
     return mode == "train"
-
-
-def _split_batch(batch: Batch, device: torch.device) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
-    """``x`` -> (x, None, {}); ``(x, y)`` -> (x, y, {}); ``(x, y, mask)`` -> (x, y, {"mask": mask}), on ``device``."""
-    if isinstance(batch, Tensor):
-        return batch.to(device), None, {}
-    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3) and all(isinstance(t, Tensor) for t in batch):
-        x, y = batch[0].to(device), batch[1].to(device)
-        kw = {"mask": batch[2].to(device)} if len(batch) == 3 else {}
-        return x, y, kw
-    raise TypeError(
-        "a batch must be an input tensor x, a pair (x, y) or a triple (x, y, mask) of tensors; "
-        f"got {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-    )
 
 
 def objective(model: nn.Module, loss: LossSpec, batch: Batch | None) -> Callable[[], Tensor]:
@@ -92,20 +71,19 @@ def objective(model: nn.Module, loss: LossSpec, batch: Batch | None) -> Callable
         raise TypeError(f"loss must be a callable (a closure, or loss_fn(output, target)), got {type(loss).__name__}")
     if batch is None:
         return loss
-    x, y, kw = _split_batch(batch, model_device(model))
-    if y is None:
+    fed = unpack(batch, model_device(model), who="probe")
+    if fed.target is None:
         raise TypeError("with a loss_fn the batch must hold the targets: pass (x, y) or (x, y, mask)")
-    return lambda: loss(model(x, **kw), y)
+    return lambda: loss(model(*fed.args, **fed.kwargs), fed.target)
 
 
 def forward_fn(forward: Callable[[nn.Module, Any], Any] | None, device: torch.device) -> Callable:
-    """How to run one batch: ``forward(model, batch)`` if given, else ``model(x)`` or ``model(x, mask=mask)``."""
+    """How to run one batch: ``forward(model, batch)`` if given, else :func:`normlab._feed.feed` on ``device``."""
     if forward is not None:
         return forward
 
     def run(model: nn.Module, batch: Batch):
-        x, _, kw = _split_batch(batch, device)
-        return model(x, **kw)
+        return feed(model, batch, device=device, who="probe")
 
     return run
 

@@ -21,14 +21,11 @@ from normlab.lab.report.builder import (
     NOT_RUN,
     Entry,
     Figure,
-    KeyNumber,
     ReportData,
     ReportError,
     RunFiles,
     build_report,
     collect,
-    key_numbers,
-    paper_number,
     report_main,
 )
 
@@ -36,13 +33,10 @@ __all__ = [
     "NOT_RUN",
     "Entry",
     "Figure",
-    "KeyNumber",
     "ReportData",
     "ReportError",
     "RunFiles",
     "build_report",
     "collect",
-    "key_numbers",
-    "paper_number",
     "report_main",
 ]

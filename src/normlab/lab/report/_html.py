@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from normlab.lab.report.builder import NOT_RUN, Entry, Figure, KeyNumber, ReportData, _fmt_num
+from normlab.lab.experiments.framework import split_preregistration
+from normlab.lab.experiments.verdicts import part_cells
+from normlab.lab.report.builder import NOT_RUN, Entry, Figure, ReportData, _fmt_num
 
 __all__ = ["render_html", "CSS", "SCRIPT", "CSP"]
 
@@ -95,7 +97,9 @@ details { margin: 0.6rem 0; }
 details > summary { cursor: pointer; font-weight: 600; }
 .doc h4 { margin: 0.8rem 0 0.2rem; font-size: 0.95rem; }
 table.runs td { font-size: 0.85rem; }
-.paper td:first-child { width: 11rem; color: var(--muted); }
+table.parts td { font-size: 0.88rem; vertical-align: top; }
+table.parts td.says { color: var(--muted); max-width: 22rem; }
+pre.prereg { white-space: pre-wrap; font-size: 0.86rem; background: var(--soft); padding: 0.6rem 0.8rem; }
 footer { margin-top: 3rem; color: var(--muted); font-size: 0.85rem; }
 @media (max-width: 700px) { .page { padding: 0.8rem; } html { font-size: 14px; } }
 @media print { nav.toc, th button.sort::after { display: none; } details { display: block; } }
@@ -212,13 +216,6 @@ def _badge(status: str) -> str:
     return f'<span class="badge {STATUS_CLASS.get(status, "st-notrun")}">{_e(status)}</span>'
 
 
-def _num(k: KeyNumber) -> str:
-    hover = f"mean {k.mean!r}" + (f", std {k.std!r}" if k.std is not None else "") + (f", n={k.n}" if k.n else "")
-    if k.metric:
-        hover = f"{k.metric}: {hover}"
-    return f'<span class="num" title="{_e(hover)}">{_e(k.text())}</span>'
-
-
 def _value(v: Any) -> str:
     if v is None:
         return "<em>None</em>"
@@ -245,16 +242,19 @@ def _claim_sort(e: Entry) -> str:
 def _overview(data: ReportData) -> str:
     rows = []
     for e in data.entries:
-        nums = e.key_numbers
-        shown = "".join(f"<li>{_e(k.label)}: {_num(k)}</li>" for k in nums[:4])
-        if len(nums) > 4:
-            shown += f'<li><a href="#{e.anchor}-numbers">+{len(nums) - 4} more</a></li>'
+        deciding = [part_cells(p) for p in e.parts if p.get("decides")]
+        shown = "".join(
+            f"<li>{_e(c['part'])}: {_e(c['effect'])} {_e(c['interval'])} → {_e(c['decision'])}</li>"
+            for c in deciding[:4]
+        )
+        if len(deciding) > 4:
+            shown += f'<li><a href="#{e.anchor}-parts">+{len(deciding) - 4} more</a></li>'
         rows.append(
             "<tr>"
             f'<td data-sort="{_claim_sort(e)}"><a href="#{e.anchor}">{_e(e.label)}</a></td>'
             f'<td><a class="name" href="#{e.anchor}">{_e(e.name)}</a><span class="title">{_e(e.title)}</span></td>'
             f'<td data-sort="{STATUS_ORDER.get(e.status, 9)}">{_badge(e.status)}</td>'
-            f'<td><span class="summary">{_e(e.summary)}</span>'
+            f'<td><span class="summary">{_e(e.finding or ("" if e.verdict is not None else e.summary))}</span>'
             + (f'<ul class="nums">{shown}</ul>' if shown else "")
             + "</td>"
             f"<td>{_scale(e)}</td>"
@@ -263,7 +263,14 @@ def _overview(data: ReportData) -> str:
         )
     head = "".join(
         f'<th scope="col">{h}</th>'
-        for h in ("Claim", "Experiment", "Verdict", "Key numbers (mean ± std over seeds)", "Scale", "Reproduce")
+        for h in (
+            "Claim",
+            "Experiment",
+            "Verdict",
+            "Deciding parts: effect [interval] → decision",
+            "Scale",
+            "Reproduce",
+        )
     )
     return (
         '<section id="overview"><h2>Overview</h2>'
@@ -348,25 +355,47 @@ def _runs(e: Entry, base: Path) -> str:
     )
 
 
-def _paper(e: Entry) -> str:
-    here = f"{_badge(e.status)} {_e(e.summary)}" if e.verdict is not None else "not run yet"
-    if e.verdict is not None:
-        here += f" <em>({_e(e.scale)} scale, {_e(e.seeds)} seed(s))</em>"
-    paper = _e(e.paper) if e.paper else "<em>no paper number</em>"
-    src = f' <span class="title">(from {_e(e.paper_source)})</span>' if e.paper_source else ""
+def _parts(e: Entry) -> str:
+    if not e.parts:
+        return "<p>This verdict stores no parts (made by an older normlab).</p>" if e.verdict is not None else ""
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in ("part", "what it says", "role", "effect", "interval (level)", "95 % interval", "margin δ", "n",
+                  "decision")
+    )  # fmt: skip
+    body = []
+    for p in e.parts:
+        c = part_cells(p)
+        body.append(
+            f'<tr><td><strong>{_e(c["part"])}</strong></td><td class="says">{_e(c["says"])}</td>'
+            f"<td>{_e(c['role'])}</td><td>{_e(c['effect'])}</td><td>{_e(c['interval'])} ({_e(c['level'])})</td>"
+            f'<td>{_e(c["ci95"])}</td><td title="{_e(c["why"])}">{_e(c["margin"])}</td><td>{_e(c["n"])}</td>'
+            f"<td>{_badge(p['status'])}{_e(c['decision'][len(p['status']) :])}</td></tr>"
+        )
+    why = "".join(f"<li><strong>{_e(p['name'])}</strong>: δ {_e(part_cells(p)['margin'])} — {_e(p.get('why_margin'))}</li>"
+                  for p in e.parts)  # fmt: skip
+    v = e.verdict or {}
+    rule = (
+        f"<p>Rule: {_e(v.get('rule'))} (version {_e(v.get('rule_version'))}); α = {_e(v.get('alpha'))} split over "
+        f"the looks {_e(v.get('looks'))}; this verdict stopped at {_e(v.get('seeds'))} seeds.</p>"
+    )
     return (
-        '<table class="kv paper"><tbody>'
-        f"<tr><td>source paper</td><td>{paper}{src}</td></tr>"
-        f"<tr><td>this run</td><td>{here}</td></tr></tbody></table>"
+        f'<div class="scroll"><table class="parts"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
+        f"</table></div>{rule}<details><summary>Why each margin</summary><ul>{why}</ul></details>"
     )
 
 
-def _key_numbers(e: Entry) -> str:
-    nums = e.key_numbers
-    if not nums:
-        return "<p>The verdict stores no mean ± std numbers; see the summary.</p>" if e.verdict is not None else ""
-    body = "".join(f"<tr><td>{_e(k.label)}</td><td>{_e(k.metric or '')}</td><td>{_num(k)}</td></tr>" for k in nums)
-    return f'<table class="kv"><thead><tr><th>what</th><th>metric</th><th>mean ± std (n seeds)</th></tr></thead><tbody>{body}</tbody></table>'
+def _prereg(e: Entry) -> str:
+    text = e.preregistration
+    return f'<pre class="prereg">{_e(text)}</pre>' if text else "<p><em>No pre-registration stored.</em></p>"
+
+
+def _recheck(e: Entry) -> str:
+    r = e.recheck
+    if r is None:
+        return "not rechecked"
+    same = "same decisions" if r.get("same_parts") and r.get("same_claim") else "DIFFERENT decisions"
+    return _e(f"{same} when rerun from scratch with {r.get('threads')} thread(s) ({r.get('time')})")
 
 
 def _section(e: Entry, base: Path) -> str:
@@ -381,27 +410,37 @@ def _section(e: Entry, base: Path) -> str:
         ),
         ("reproduce", _cmd(e.command)),
     ]
+    if e.verdict is not None:
+        facts.insert(2, ("recheck", _recheck(e)))
+        if not e.meaningful:
+            facts.insert(
+                1, ("note", "<strong>smoke scale: checks the plumbing only; this verdict means nothing</strong>")
+            )
     if not e.registered:
         facts.append(("registry", "<em>not registered in this normlab (shown from the store only)</em>"))
     parts = [
         f'<section class="exp" id="{e.anchor}">',
         f'<h2><span>{_e(e.label)}</span> <span class="mono">{_e(e.name)}</span> {_badge(e.status)}</h2>',
         f'<p class="title">{_e(e.title)}</p>',
-        f'<p class="verdict"><strong>Verdict:</strong> {_e(e.summary)}</p>',
+        f'<p class="verdict"><strong>Verdict:</strong> {_e(e.finding or e.summary)}</p>',
         '<dl class="facts">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>",
     ]
     if e.notes:
         parts.append('<div class="notes"><ul>' + "".join(f"<li>{_e(n)}</li>" for n in e.notes) + "</ul></div>")
     if e.verdict is not None:
         parts.append("<h3>Figures</h3>")
-        if e.figures:
-            parts.append('<div class="figures">' + "".join(_figure(f, base, e) for f in e.figures) + "</div>")
+        own = [f for f in e.figures if f.path.name != "parts.png"]
+        forest = [f for f in e.figures if f.path.name == "parts.png"]
+        if own:
+            parts.append('<div class="figures">' + "".join(_figure(f, base, e) for f in own) + "</div>")
         else:
             parts.append("<p>No figure stored with this verdict.</p>")
-        parts.append(f'<h3 id="{e.anchor}-numbers">Key numbers</h3>' + _key_numbers(e))
-    parts.append("<h3>Source paper vs this run</h3>" + _paper(e))
+        parts.append(f'<h3 id="{e.anchor}-parts">Parts of the claim</h3>' + _parts(e))
+        parts.extend(_figure(f, base, e) for f in forest)
+    parts.append("<h3>Pre-registration</h3>" + _prereg(e))
     parts.append(
-        "<h3>What was measured</h3>" + (_doc_html(e.description) or f"<p>{_e(e.title) or 'No description stored.'}</p>")
+        "<h3>What was measured</h3>"
+        + (_doc_html(split_preregistration(e.description)[1]) or f"<p>{_e(e.title) or 'No description stored.'}</p>")
     )
     if e.verdict is not None or e.env:
         parts.append(

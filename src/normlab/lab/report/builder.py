@@ -7,21 +7,11 @@ figures it lists, and the run folders' ``config.json`` / ``env.json`` /
 and docstrings, so that a registered claim with nothing stored shows as
 **not run**.
 
-The source paper's number for a claim is taken, in this order, from
-
-1. ``paper`` in the verdict's ``numbers`` (a string, or a dict whose
-   ``text``/``value``/``source`` entries are joined), as written by the
-   experiment's ``analyse``;
-2. a module-level ``PAPER`` string (or such a dict) in the experiment's module;
-3. a line of the experiment's docstring (``description``) that starts with
-   ``Paper:``, ``Paper number:``, ``Source paper:`` or ``In the paper:``
-   (continued by the following non-blank lines of the same paragraph), at
-   the start of a paragraph;
-4. else a docstring sentence ``Expected (<citation>): <result>`` whose
-   citation names a year, "et al", "paper" or "source" (the convention of
-   the claim modules: ``Expected (De & Smith 2020, Fig. 4): ...``);
-
-and is otherwise reported as "no paper number".
+What a claim's section shows comes from its ``verdict.json``: the
+pre-registration (the claim, its source, its declared parts and margins, as
+written in the experiment module's docstring when the verdict was made), every
+part's effect with its intervals against its margin, the decision, and the
+recheck with another thread count when one was made.
 """
 
 from __future__ import annotations
@@ -29,7 +19,6 @@ from __future__ import annotations
 import argparse
 import base64
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -43,19 +32,16 @@ from pathlib import Path
 from typing import Any
 
 from normlab._io import atomic_write
-from normlab.lab.store import CONFIG, ENV, METRICS, RESULT, RunStore, flatten, read_json
+from normlab.lab.store import CONFIG, ENV, METRICS, QUARANTINE, RESULT, RunStore, flatten, read_json
 
 __all__ = [
     "NOT_RUN",
     "ReportError",
     "Figure",
     "RunFiles",
-    "KeyNumber",
     "Entry",
     "ReportData",
     "collect",
-    "key_numbers",
-    "paper_number",
     "build_report",
     "report_main",
 ]
@@ -67,11 +53,6 @@ _ENV_KEYS = (
     "normlab", "python", "torch", "numpy", "device", "cuda", "threads", "cpu_count",
     "processor", "platform", "git_revision", "hostname",
 )  # fmt: skip
-_PAPER_LINE = re.compile(r"^\s*(?:Paper number|Source paper|Paper|In the paper)\s*:\s*(.*)$")
-# "Expected (De & Smith 2020, Fig. 4): ..." -- a citation in parentheses, then the paper's result
-_EXPECTED = re.compile(
-    r"\bExpected\s*\(([^()]*(?:\d{4}|et al|paper|source)[^()]*)\)\s*:\s*(.+?)(?=\s(?:Command|Runtime)\b|$)"
-)
 
 
 class ReportError(Exception):
@@ -110,28 +91,10 @@ class RunFiles:
     path: Path
     complete: bool
     exists: bool
+    problem: str | None = None  # a corrupt run: which file does not parse (the run does not count as complete)
     seed: Any = None
     params: dict[str, Any] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class KeyNumber:
-    """A mean ± sample std over seeds found in a verdict's ``numbers``."""
-
-    label: str  # where it sits in ``numbers``, e.g. "bn" or "tiny batch / groupnorm"
-    metric: str | None
-    mean: float
-    std: float | None
-    n: int | None
-
-    def text(self, digits: int = 3) -> str:
-        s = _fmt_num(self.mean, digits)
-        if self.std is not None:
-            s += f" ± {_fmt_num(self.std, digits)}"
-        if self.n is not None:
-            s += f" (n={self.n})"
-        return s
 
 
 @dataclass
@@ -151,10 +114,9 @@ class Entry:
     varying: list[str] = field(default_factory=list)  # config keys that differ across the verdict's runs
     stored_complete: int = 0
     stored_incomplete: int = 0
+    stored_corrupt: int = 0  # complete runs whose files do not parse (listed in ``notes``; re-run on resume)
     env: dict[str, list[str]] = field(default_factory=dict)
     env_time: tuple[str, str] | None = None
-    paper: str | None = None
-    paper_source: str | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -166,6 +128,11 @@ class Entry:
     @property
     def summary(self) -> str:
         if self.verdict is None:
+            if self.stored_corrupt:
+                return (
+                    f"no verdict: {self.stored_complete} complete, {self.stored_incomplete} incomplete and "
+                    f"{self.stored_corrupt} CORRUPT runs stored (see the note)"
+                )
             if self.stored_complete or self.stored_incomplete:
                 return (
                     f"no verdict yet: {self.stored_complete} complete and {self.stored_incomplete} incomplete runs "
@@ -194,8 +161,36 @@ class Entry:
         return n if isinstance(n, dict) else {}
 
     @property
-    def key_numbers(self) -> list[KeyNumber]:
-        return key_numbers(self.numbers)
+    def parts(self) -> list[dict[str, Any]]:
+        """The verdict's parts (deciding first, in declaration order): effect, intervals, margin, decision."""
+        parts = [] if self.verdict is None else self.verdict.get("parts")
+        if not isinstance(parts, list):
+            return []
+        ok = [p for p in parts if isinstance(p, dict) and isinstance(p.get("shown"), dict)]
+        return [p for p in ok if p.get("decides")] + [p for p in ok if not p.get("decides")]
+
+    @property
+    def preregistration(self) -> str:
+        """The pre-registration stored with the verdict, else the registered experiment's own."""
+        stored = None if self.verdict is None else self.verdict.get("preregistration")
+        if isinstance(stored, str) and stored.strip():
+            return stored
+        from normlab.lab.experiments.framework import preregistration
+
+        return preregistration(self.description)
+
+    @property
+    def meaningful(self) -> bool:
+        return self.verdict is None or self.verdict.get("meaningful", True) is not False
+
+    @property
+    def finding(self) -> str:
+        return "" if self.verdict is None else str(self.verdict.get("finding") or "")
+
+    @property
+    def recheck(self) -> dict[str, Any] | None:
+        r = None if self.verdict is None else self.verdict.get("recheck")
+        return r if isinstance(r, dict) else None
 
     @property
     def anchor(self) -> str:
@@ -245,38 +240,6 @@ def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def key_numbers(numbers: Mapping[str, Any]) -> list[KeyNumber]:
-    """Every ``{"mean": .., "std": .., "n": ..}`` in a verdict's ``numbers``, labelled by where it sits.
-
-    Handles what :func:`~normlab.lab.experiments.compare` (``{metric, A: {...}, B: {...}}``),
-    :func:`~normlab.lab.experiments.threshold` (``{metric, mean, std, n, bound}``) and
-    :func:`~normlab.lab.experiments.combine` (parts by name) write, and any nesting of them.
-    """
-    out: list[KeyNumber] = []
-
-    def walk(d: Mapping[str, Any], path: tuple[str, ...], metric: str | None) -> None:
-        if isinstance(d.get("metric"), str):
-            metric = d["metric"]
-        if _is_num(d.get("mean")):
-            std = d.get("std", d.get("spread"))
-            n = d.get("n")
-            out.append(
-                KeyNumber(
-                    " / ".join(path) if path else (metric or "value"),
-                    metric,
-                    float(d["mean"]),
-                    float(std) if _is_num(std) else None,
-                    int(n) if _is_num(n) else None,
-                )
-            )
-        for k, v in d.items():
-            if isinstance(v, Mapping):
-                walk(v, path + (str(k),), metric)
-
-    walk(numbers, (), None)
-    return out
-
-
 def _png_size(data: bytes) -> tuple[int, int] | None:
     """Width and height from a PNG's IHDR chunk, or None if ``data`` is not a PNG."""
     if len(data) < 24 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
@@ -297,66 +260,6 @@ def _read_figure(path: Path, name: str) -> Figure:
         return fig
     fig.data, (fig.width, fig.height) = data, size
     return fig
-
-
-def _paper_from_value(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value.strip() or None
-    if isinstance(value, Mapping):
-        parts = [str(value[k]) for k in ("text", "value", "source", "figure", "note") if value.get(k) not in (None, "")]
-        rest = {k: v for k, v in value.items() if k not in ("text", "value", "source", "figure", "note")}
-        parts += [f"{k}: {v}" for k, v in rest.items()]
-        return "; ".join(parts) or None
-    return str(value)
-
-
-def _paper_from_text(text: str) -> tuple[str | None, str | None]:
-    """A ``Paper: ...`` paragraph, else an ``Expected (citation): ...`` sentence run, from a docstring."""
-    text = inspect.cleandoc(text or "")
-    lines = text.splitlines()
-    for i, line in enumerate(lines):
-        m = _PAPER_LINE.match(line)
-        if m and (i == 0 or not lines[i - 1].strip()):  # only at the start of a paragraph
-            parts = [m.group(1).strip()]
-            for nxt in lines[i + 1 :]:
-                if not nxt.strip() or _PAPER_LINE.match(nxt):
-                    break
-                parts.append(nxt.strip())
-            found = " ".join(p for p in parts if p)
-            if found:
-                return found, "docstring"
-    for para in re.split(r"\n\s*\n", text):
-        flat = " ".join(para.split())
-        m = _EXPECTED.search(flat)
-        if m:
-            return f"{m.group(1).strip()}: {m.group(2).strip()}", "docstring (Expected)"
-    return None, None
-
-
-def paper_number(
-    experiment: Any = None, verdict: Mapping[str, Any] | None = None, description: str = ""
-) -> tuple[str | None, str | None]:
-    """The source paper's number for a claim and where it was found (see the module docstring), or ``(None, None)``."""
-    numbers = (verdict or {}).get("numbers") if verdict else None
-    if isinstance(numbers, Mapping) and numbers.get("paper") is not None:
-        found = _paper_from_value(numbers["paper"])
-        if found:
-            return found, "verdict numbers"
-    if experiment is not None:
-        seen = set()
-        for fn in (getattr(experiment, k, None) for k in ("run_one", "analyse", "grid", "plot")):
-            modname = getattr(fn, "__module__", None)
-            if not modname or modname in seen:
-                continue
-            seen.add(modname)
-            mod = sys.modules.get(modname)
-            for attr in ("PAPER", "PAPER_NUMBER"):
-                found = _paper_from_value(getattr(mod, attr, None)) if mod is not None else None
-                if found:
-                    return found, f"{modname}.{attr}"
-    return _paper_from_text(description or "")
 
 
 def _registry() -> tuple[list[Any], str | None]:
@@ -426,11 +329,26 @@ def _entry(store: RunStore, name: str, exp: Any | None) -> Entry:
         folder=folder,
     )
     all_runs = list(store.runs(name, complete_only=False)) if folder.is_dir() else []
-    e.stored_complete = sum(1 for r in all_runs if r.complete)
-    e.stored_incomplete = len(all_runs) - e.stored_complete
+    problems = {r.run_id: p for r in all_runs if r.complete and (p := r.problem()) is not None}
+    e.stored_corrupt = len(problems)
+    e.stored_complete = sum(1 for r in all_runs if r.complete) - e.stored_corrupt
+    e.stored_incomplete = len(all_runs) - e.stored_complete - e.stored_corrupt
     if e.stored_incomplete:
         e.notes.append(
-            f"{e.stored_incomplete} incomplete run folder(s) (no result.json: interrupted; the next `normlab run` redoes them)"
+            f"{e.stored_incomplete} incomplete run folder(s) "
+            "(no result.json: interrupted; the next `normlab run` redoes them)"
+        )
+    if problems:
+        rid, problem = next(iter(problems.items()))
+        e.notes.append(
+            f"{len(problems)} CORRUPT run(s), not counted as complete: {', '.join(problems)} (e.g. {rid}: {problem}); "
+            f"the next `normlab run` moves their files to {store.root / QUARANTINE / name}/ and runs them again"
+        )
+    quarantined = store.quarantined(name)
+    if quarantined:
+        e.notes.append(
+            f"{len(quarantined)} corrupt run folder(s) kept in {store.root / QUARANTINE / name}/ "
+            f"(set aside, never deleted; each holds reason.txt): {', '.join(p.name for p in quarantined[:5])}"
         )
 
     vpath = folder / "verdict.json"
@@ -448,7 +366,7 @@ def _entry(store: RunStore, name: str, exp: Any | None) -> Entry:
     by_id = {r.run_id: r for r in all_runs}
     if e.verdict is not None:
         ids = [str(i) for i in e.verdict.get("runs") or []]
-        missing = [i for i in ids if i not in by_id or not by_id[i].complete]
+        missing = [i for i in ids if i not in by_id or not by_id[i].complete or i in problems]
         if missing:
             e.notes.append(
                 f"{len(missing)} of the {len(ids)} runs this verdict was computed from are missing from the store "
@@ -466,13 +384,15 @@ def _entry(store: RunStore, name: str, exp: Any | None) -> Entry:
         for f in broken:
             e.notes.append(f"figure {f.path.name}: {f.problem}")
     else:
-        ids = [r.run_id for r in all_runs if r.complete]
+        ids = [r.run_id for r in all_runs if r.complete and r.run_id not in problems]
 
     configs, envs = [], []
     for rid in ids:
         r = by_id.get(rid)
         path = r.path if r is not None else folder / rid
-        rf = RunFiles(run_id=rid, path=path, complete=bool(r and r.complete), exists=path.is_dir())
+        problem = problems.get(rid)
+        complete = bool(r and r.complete) and problem is None
+        rf = RunFiles(run_id=rid, path=path, complete=complete, exists=path.is_dir(), problem=problem)
         if rf.exists:
             rf.files = [path / f for f in (CONFIG, ENV, METRICS, RESULT) if (path / f).is_file()]
             cfg, _ = _safe_json(path / CONFIG)
@@ -489,7 +409,6 @@ def _entry(store: RunStore, name: str, exp: Any | None) -> Entry:
         flat = flatten(rf.params) if rf.params else {}
         rf.params = {k: flat.get(k) for k in e.varying}
     e.env, e.env_time = _summarise_env(envs)
-    e.paper, e.paper_source = paper_number(exp, e.verdict, description)
     return e
 
 
@@ -515,7 +434,7 @@ def _audit(root: Path) -> list[tuple[Path, Any]] | None:
 
 
 def collect(root: str | os.PathLike = "runs", *, experiments: Sequence[str] | None = None) -> ReportData:
-    """Read the run store at ``root``: one :class:`Entry` per registered experiment (claims first) and per stored verdict.
+    """Read the run store at ``root``: one :class:`Entry` per registered experiment (claims first), per stored verdict.
 
     ``experiments`` restricts the report to those names or claim ids. Raises
     :class:`ReportError` when ``root`` is not a folder or a name is unknown.
@@ -526,6 +445,11 @@ def collect(root: str | os.PathLike = "runs", *, experiments: Sequence[str] | No
     if not root.is_dir():
         raise ReportError(f"run store {str(root)!r} is not a folder")
     store = RunStore(root)
+    if not (store.looks_like_store() or any((root / AUDIT_FOLDER).glob("*.json"))):
+        raise ReportError(
+            f"{str(root)!r} is not a run store (no <experiment>/<run id>/config.json, verdict.json or audit/*.json "
+            "in it), so no report is written there; pass --root the folder `normlab run` writes to (default: runs)"
+        )
     registered, problem = _registry()
     by_name = {e.name: e for e in registered}
     stored = [n for n in store.experiments() if n != AUDIT_FOLDER]
@@ -538,13 +462,12 @@ def collect(root: str | os.PathLike = "runs", *, experiments: Sequence[str] | No
     for n in stored:
         if n in by_name:
             continue
-        if (root / n / "verdict.json").is_file():
-            names.append(n)
-        else:
-            runs = list(store.runs(n, complete_only=False))
-            if runs:
-                done = sum(1 for r in runs if r.complete)
-                other.append((n, done, len(runs) - done))
+        runs = list(store.runs(n, complete_only=False))
+        if (root / n / "verdict.json").is_file() or any(r.complete and r.problem() is not None for r in runs):
+            names.append(n)  # a section of its own: a verdict, or corrupt runs to list
+        elif runs:
+            done = sum(1 for r in runs if r.complete)
+            other.append((n, done, len(runs) - done))
 
     if experiments is not None:
         wanted: list[str] = []
