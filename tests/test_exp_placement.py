@@ -84,8 +84,9 @@ def test_input_terms_match_a_numpy_oracle_on_the_convs_inputs(ndim):
 CFG = PlacementConfig(seeds=6, max_seeds=6)
 
 
-def _raw(term: dict, loss: dict, seeds: int = 6) -> list[dict]:
+def _raw(term: dict, loss: dict, seeds: int = 6, trace: dict | None = None) -> list[dict]:
     """Runs as run_one stores them: ``term[placement]`` (lr 0.05) and ``loss[(placement, lr)]`` are mean values."""
+    trace = trace or {}
     rng = np.random.default_rng(3)
     rows = []
     for seed in range(seeds):
@@ -94,7 +95,8 @@ def _raw(term: dict, loss: dict, seeds: int = 6) -> list[dict]:
                 x = loss[(p, lr)] * math.exp(0.02 * rng.standard_normal())
                 t = term.get(p, 8.0) * (1 + 0.05 * seed)
                 rows.append({"seed": seed, "lr": lr, "placement": p, "capped_mean_loss": x, "diverged": False,
-                             "final_test_acc": 1 - x / 3, "input_term": t})  # fmt: skip
+                             "final_test_acc": 1 - x / 3, "input_term": t,
+                             "input_trace": trace.get(p, 1.0)})  # fmt: skip
     return rows
 
 
@@ -121,6 +123,16 @@ def test_holds_when_the_input_term_is_smaller_and_training_faster_at_the_high_lr
 def test_does_not_hold_when_the_common_placement_trains_faster():
     v = _verdict(_raw(TERM, FAST | {("before_linear", 0.5): 0.45}))
     assert v.status == "does not hold" and _status(v, "faster-at-high-lr") == "does not hold", v.summary
+
+
+def test_the_finding_separates_centring_from_scale_when_the_raw_term_is_larger():
+    # BN before the conv: raw term 8 with mean square 2; common: 6 with mean square 1 (both ×1.125 over the seeds)
+    v = _verdict(_raw(TERM | {"before_linear": 8.0}, FAST, trace={"before_linear": 2.0, "pre_act": 1.0}))
+    assert _status(v, "input-term-smaller") == "does not hold"
+    assert (
+        "centres the convs' inputs (term/trace 4.5 vs 6.75)" in v.finding
+        and "so S0's raw term ends up larger" in v.finding
+    )
 
 
 def test_does_not_hold_when_the_input_terms_are_alike():

@@ -99,6 +99,12 @@ def test_does_not_hold_when_every_norm_loses_alike():
 def test_does_not_hold_when_precise_statistics_do_not_help():
     v = _verdict(_raw(DROPS, 0.0))
     assert v.status == "does not hold" and _status(v, "precise-repairs") == "does not hold", v.summary
+    assert "BN's loss is not in its statistics" in v.finding  # precise = running = train-mode accuracy (0.5)
+
+
+def test_the_finding_says_when_bn_loses_less_than_the_batch_independent_norms():
+    v = _verdict(_raw({**DROPS, "batchnorm": 0.02}, 0.0))
+    assert v.status == "does not hold" and "cost BN *less* than LayerNorm and GroupNorm" in v.finding
 
 
 def test_inconclusive_when_the_drops_are_noisy_and_close():

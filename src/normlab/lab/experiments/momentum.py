@@ -465,7 +465,17 @@ def _explain(rows: list[dict[str, Any]], cfg: MomentumConfig, judgement: Judgeme
     slow = cfg.momenta[0]
     repair = [r["precise_minus_ema"] for r in per
               if r["kind"] == "ema" and r["batch_size"] == cfg.reference_batch and r["momentum"] == slow]  # fmt: skip
+    plateau = {}
+    for b in sizes:
+        rs = [r for r in rows if r["batch_size"] == b and r["seed"] < n]
+        accs = [[a for m, a in zip(r["momenta"], r["ema_test_acc"]) if m >= cfg.momenta[len(cfg.momenta) // 2 - 1]]
+                for r in rs]  # fmt: skip
+        means = [sum(col) / len(col) for col in zip(*accs)] if accs else [0.0]
+        plateau[b] = max(means) - min(means)
+    lo = cfg.momenta[len(cfg.momenta) // 2 - 1]
     text = (
+        f"for m ≥ {lo:g} the mean EMA accuracy varies by at most {max(plateau.values()):.3f} at any batch size, so "
+        "the best momentum of one seed sits on a flat plateau; "
         "best momentum for eval accuracy (geometric mean over seeds) by batch size: "
         + ", ".join(f"batch {b}: {gmean(best[b]):.3g}" for b in sizes)
         + "; nearest to the population statistics at the end: "

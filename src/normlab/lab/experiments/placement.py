@@ -311,6 +311,15 @@ def _explain(rows: list[dict[str, Any]], cfg: PlacementConfig, judgement: Judgem
     rel = {p: mean_std([r["input_term"] / r["input_trace"] for r in rows if r["lr"] == moderate
                         and r["placement"] == p and r.get("input_term") and r.get("input_trace")] or [math.nan])[0]
            for p in cfg.positions}  # fmt: skip
+    trace = {p: mean_std([r["input_trace"] for r in rows if r["lr"] == moderate and r["placement"] == p
+                          and r.get("input_trace")] or [math.nan])[0]
+             for p in cfg.positions}  # fmt: skip
+    if terms[RECOMMENDED] > terms[COMMON] and rel[RECOMMENDED] < rel[COMMON]:
+        texts.append(
+            f"BN before the conv centres the convs' inputs (term/trace {rel[RECOMMENDED]:.3g} vs {rel[COMMON]:.3g}) "
+            f"but gives them a larger mean square (trace/d {trace[RECOMMENDED]:.3g} vs {trace[COMMON]:.3g} after "
+            "ReLU and pooling), so S0's raw term ends up larger"
+        )
     texts.append(
         f"input term ‖E[x⊗x]‖₁/d at lr {moderate:g}: "
         + ", ".join(f"{p} {v:.3g}" for p, v in terms.items())

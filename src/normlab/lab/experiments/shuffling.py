@@ -223,13 +223,27 @@ def _explain(rows: list[dict[str, Any]], cfg: ShufflingConfig, judgement: Judgem
     train_mode = m("train_mode_test_acc", norm="batchnorm", batch_order="class-sorted")
     bn_drop = drops["batchnorm"]
     repaired = (precise - acc["batchnorm"]["class-sorted"]) / bn_drop if bn_drop > 0 else float("nan")
+    lead = []
+    if all(bn_drop < drops[n] for n in ("layernorm", "groupnorm")):
+        lead.append(f"class-sorted batches cost BN *less* than LayerNorm and GroupNorm (drop {bn_drop:.3f} vs "
+                    f"{drops['layernorm']:.3f} and {drops['groupnorm']:.3f})")  # fmt: skip
+    elif all(bn_drop > drops[n] for n in ("layernorm", "groupnorm")):
+        lead.append("class-sorted batches cost BN more than LayerNorm and GroupNorm")
+    if abs(precise - acc["batchnorm"]["class-sorted"]) < cfg.margin and abs(train_mode - precise) < cfg.margin:
+        lead.append(
+            "BN's loss is not in its statistics: stored, precise and train-mode statistics give the same accuracy"
+        )
     text = (
-        "test accuracy shuffled → class-sorted: "
-        + ", ".join(f"{n} {acc[n]['shuffled']:.3f} → {acc[n]['class-sorted']:.3f}" for n in cfg.norms)
-        + f"; BN after class-sorted training: running statistics {acc['batchnorm']['class-sorted']:.3f}, "
-        f"precise {precise:.3f}"
-        + (f" (repairing {100 * repaired:.0f} % of its drop)" if math.isfinite(repaired) else "")
-        + f", train mode on mixed test batches {train_mode:.3f}"
+        "; ".join(lead)
+        + (". " if lead else "")
+        + (
+            "test accuracy shuffled → class-sorted: "
+            + ", ".join(f"{n} {acc[n]['shuffled']:.3f} → {acc[n]['class-sorted']:.3f}" for n in cfg.norms)
+            + f"; BN after class-sorted training: running statistics {acc['batchnorm']['class-sorted']:.3f}, "
+            f"precise {precise:.3f}"
+            + (f" (repairing {100 * repaired:.0f} % of its drop)" if math.isfinite(repaired) else "")
+            + f", train mode on mixed test batches {train_mode:.3f}"
+        )
     )
     return text, {"test_acc": acc, "drop": drops, "bn_precise_after_sorted": precise, "bn_train_mode": train_mode}
 
