@@ -31,11 +31,3 @@ def backend(request, monkeypatch):
     else:
         monkeypatch.setattr(_native, "usable", lambda *tensors: False)
     return request.param
-
-
-# experiments not yet moved onto the verdict engine: their tests wait with them (transitional; emptied as each is ported)
-collect_ignore = [
-    "test_exp_momentum.py",
-    "test_exp_regularisation.py",
-    "test_exp_placement.py",
-]

@@ -206,6 +206,35 @@ def test_batches_are_seeded_per_epoch():
     assert torch.equal(order(Batches(y, y, 8, shuffle=False)), y)
 
 
+@pytest.mark.parametrize("n, bs, drop_last", [(100, 8, False), (100, 8, True), (60, 5, True)])
+def test_class_sorted_batches_hold_one_class_each_in_a_shuffled_sequence(n, bs, drop_last):
+    y = torch.arange(n) % 4  # 4 balanced classes, interleaved
+    x = torch.arange(n, dtype=torch.float32)[:, None]
+    it = Batches(x, y, bs, seed=3, drop_last=drop_last, order="class-sorted")
+    assert len(it) == len(Batches(x, y, bs, drop_last=drop_last))
+    epochs = [list(it), list(it)]
+    for batches in epochs:
+        seen = torch.cat([xb[:, 0].long() for xb, _ in batches])
+        assert len(torch.unique(seen)) == len(seen) == (len(it) * bs if drop_last else n)  # each sample once
+        for xb, yb in batches:
+            assert torch.equal(y[xb[:, 0].long()], yb)  # x and y stay paired
+        # numpy oracle: cut the label-sorted epoch into batches; a batch spans two classes only at a class end
+        labels = np.sort(y.numpy())[: len(seen)]
+        expected = sorted(len(np.unique(labels[i : i + bs])) for i in range(0, len(labels), bs))
+        assert sorted(len(torch.unique(yb)) for _, yb in batches) == expected
+        first = [int(yb[0]) for _, yb in batches]
+        assert first != sorted(first)  # the batches are not visited class by class
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(*epochs))  # a new order each epoch
+    again = Batches(x, y, bs, seed=3, drop_last=drop_last, order="class-sorted")
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(epochs[0], again))  # seeded
+    with pytest.raises(ValueError, match="order='random' is not one of: 'shuffled', 'class-sorted'"):
+        Batches(x, y, bs, order="random")
+    with pytest.raises(ValueError, match="needs integer class labels"):
+        Batches(x, y.float(), bs, order="class-sorted")
+    with pytest.raises(ValueError, match="shuffle=True"):
+        Batches(x, y, bs, order="class-sorted", shuffle=False)
+
+
 def test_batches_yield_masks_on_the_device():
     x, y, m = torch.randn(10, 4, 3), torch.arange(10), torch.rand(10, 4) > 0.3
     for xb, yb, mb in Batches(x, y, 4, mask=m, device="cpu"):

@@ -186,6 +186,29 @@ def test_sequence_data_passes_masks(monkeypatch):
     assert not r.diverged
 
 
+def test_batch_order_reaches_the_batches(monkeypatch):
+    seen: list[torch.Tensor] = []
+    real = normlab.lab.data.Batches
+
+    class Recording(real):
+        def __iter__(self):
+            for batch in super().__iter__():
+                seen.append(batch[1].clone())
+                yield batch
+
+    monkeypatch.setattr(normlab.lab.data, "Batches", Recording)
+    cfg = TrainConfig(**{**SMALL.__dict__, "epochs": 1, "batch_size": 32})
+    train(cfg)
+    assert sum(len(torch.unique(y)) == 1 for y in seen) < len(seen) / 2  # shuffled: batches mix classes
+    seen.clear()
+    r = train(TrainConfig(**{**cfg.__dict__, "batch_order": "class-sorted"}))
+    assert r.steps == len(seen) == 1437 // 32
+    assert all(len(torch.unique(y)) <= 2 for y in seen)  # one class per batch, two where a class ends
+    assert sum(len(torch.unique(y)) == 1 for y in seen) >= len(seen) - 10
+    with pytest.raises(ConfigError, match="batch_order='sorted' is not one of: 'shuffled', 'class-sorted'"):
+        TrainConfig(batch_order="sorted")
+
+
 def test_threads_are_set_for_the_run_and_restored():
     before = torch.get_num_threads()
     r = train(parse_overrides(SMALL, ["threads=1", "max_steps=1"]))

@@ -70,6 +70,7 @@ class TrainConfig:
     epochs: int = 5  # passes over the training set (at most 1,000,000; bound longer runs with max_steps)
     batch_size: int = 64  # training examples per optimizer step
     drop_last: bool = True  # drop the last incomplete batch (a 1-example batch breaks BatchNorm)
+    batch_order: Literal["shuffled", "class-sorted"] = "shuffled"  # batch composition (normlab.lab.data.Batches)
     max_steps: int | None = None  # stop after this many optimizer steps in total; None = no limit
     eval_batch_size: int = 1000  # examples per forward pass when evaluating (no effect on numbers)
     eval_train: bool = False  # also evaluate in eval mode on the whole training set each epoch
@@ -106,6 +107,10 @@ class TrainConfig:
             v = getattr(self, name)
             need(0 <= v < 2**63, f"{name} must be in [0, 2**63 - 1], got {v}")
         need(self.optimizer in ("sgd", "adam"), f"optimizer={self.optimizer!r} is not one of: 'sgd', 'adam'")
+        need(
+            self.batch_order in ("shuffled", "class-sorted"),
+            f"batch_order={self.batch_order!r} is not one of: 'shuffled', 'class-sorted'",
+        )
         need(
             self.schedule in ("constant", "step", "cosine"),
             f"schedule={self.schedule!r} is not one of: 'constant', 'step', 'cosine'",

@@ -444,6 +444,7 @@ def _make_batches(config: TrainConfig, data: _Data, device: torch.device):
             drop_last=config.drop_last,
             augment=config.augment,
             device=device,
+            order=config.batch_order,
         )
     except (TypeError, ValueError) as e:
         raise ConfigError(f"batches: {_message(e)}") from e

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Batches", "Augment"]
+__all__ = ["Batches", "Augment", "ORDERS"]
+
+ORDERS = ("shuffled", "class-sorted")  # how Batches composes an epoch's batches (see Batches)
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,12 @@ class Batches:
     * ``augment`` (``None``, ``"flip"``, ``"crop"``, ``"flip+crop"``, an
       :class:`Augment` or ``f(x, generator) -> x``) is applied to each whole
       batch with the epoch's generator. ``len()`` is the number of batches.
+    * ``order="class-sorted"`` (with ``shuffle=True``) makes batches that do
+      *not* represent the distribution: each epoch the samples are sorted by
+      their label ``y`` (random order within a class), cut into batches, and the
+      batches are visited in random order. Every batch then holds one class
+      (two where a class ends), while the sequence of batches stays shuffled.
+      ``"shuffled"`` (the default) is a uniform random permutation.
 
     Shapes: ``x`` (N, *input_shape), ``y`` (N,), ``mask`` (N, S).
     """
@@ -119,6 +127,7 @@ class Batches:
         drop_last: bool = False,
         augment: str | Augment | Callable | None = None,
         device: torch.device | str | None = None,
+        order: str = "shuffled",
     ) -> None:
         if not isinstance(x, Tensor) or not isinstance(y, Tensor):
             raise TypeError(f"Batches expects tensors x and y, got {type(x).__name__} and {type(y).__name__}")
@@ -131,6 +140,13 @@ class Batches:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if n == 0:
             raise ValueError("Batches: the dataset is empty")
+        if order not in ORDERS:
+            raise ValueError(f"order={order!r} is not one of: {', '.join(map(repr, ORDERS))}")
+        if order == "class-sorted" and (y.dim() != 1 or y.is_floating_point() or not shuffle):
+            raise ValueError(
+                f"order='class-sorted' needs integer class labels y of shape (N,) and shuffle=True; "
+                f"got y {y.dtype} {tuple(y.shape)}, shuffle={shuffle}"
+            )
         if drop_last and n < batch_size:
             raise ValueError(
                 f"drop_last=True with {n} samples and batch_size={batch_size} leaves no batch; lower batch_size"
@@ -148,6 +164,7 @@ class Batches:
         self.shuffle = shuffle
         self.seed = int(seed)
         self.drop_last = drop_last
+        self.order = order
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -172,8 +189,13 @@ class Batches:
         g = self.generator(self.epoch)
         self.epoch += 1
         n, bs = self.x.shape[0], self.batch_size
-        order = torch.randperm(n, generator=g).to(self.device) if self.shuffle else None
-        for b in range(len(self)):
+        order = torch.randperm(n, generator=g) if self.shuffle else None
+        visit = range(len(self))
+        if order is not None and self.order == "class-sorted":
+            order = order[torch.sort(self.y.cpu()[order], stable=True).indices]  # by class, random within a class
+            visit = torch.randperm(len(self), generator=g).tolist()  # the batches in random order
+        order = order.to(self.device) if order is not None else None
+        for b in visit:
             if order is None:
                 sl = slice(b * bs, (b + 1) * bs)
                 xb, yb = self.x[sl], self.y[sl]
@@ -189,5 +211,6 @@ class Batches:
     def __repr__(self) -> str:
         return (
             f"Batches(n={self.x.shape[0]}, batch_size={self.batch_size}, batches={len(self)}, shuffle={self.shuffle}, "
-            f"seed={self.seed}, drop_last={self.drop_last}, augment={self.augment!r}, device={self.device})"
+            f"seed={self.seed}, drop_last={self.drop_last}, augment={self.augment!r}, order={self.order!r}, "
+            f"device={self.device})"
         )

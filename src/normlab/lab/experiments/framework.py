@@ -330,21 +330,13 @@ def split_preregistration(doc: str) -> tuple[str, str]:
     return "\n".join(lines[start + 2 : end]).strip(), "\n".join(lines[:start] + lines[end:])
 
 
-# modules not yet moved onto the verdict engine (transitional: emptied as each is ported)
-_NOT_PORTED = {
-    "momentum",
-    "regularisation",
-    "placement",
-}
-
-
 def _discover() -> None:
     """Import every module of ``normlab.lab.experiments``, then the plugins, so that each registers its experiment."""
     import normlab.lab.experiments as pkg
     from normlab.lab.plugins import load_plugins
 
     for info in pkgutil.iter_modules(pkg.__path__):
-        if not (info.name.startswith("_") or info.name in ("framework", "verdicts") or info.name in _NOT_PORTED):
+        if not (info.name.startswith("_") or info.name in ("framework", "verdicts")):
             importlib.import_module(f"{pkg.__name__}.{info.name}")
     load_plugins()  # entry points of `normlab.plugins` and NORMLAB_IMPORT modules (pool and Ray workers too)
 
