@@ -116,6 +116,9 @@ def row_forward(
     """
     lead = x.shape[: x.dim() - red]
     keep = (*lead, *([1] * red))
+    if x.numel() == 0:  # no rows, or rows of nothing: statistics of nothing are mean 0, variance 0
+        zeros = torch.zeros(keep, dtype=stat_dtype(x.dtype), device=x.device)
+        return torch.empty_like(x), zeros, zeros.clone(), torch.full_like(zeros, eps).rsqrt_()
     layout = _native.row_layout(x, red, weight if weight is not None else bias)
     if layout is not None and _native.usable(x, weight, bias):
         y, mean, var, rstd = _native.row_forward(x, layout, centered, eps, weight, bias)
@@ -195,7 +198,13 @@ def centred_affine(
 
 
 def column_forward(x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-    """BatchNorm forward on (A, C, B): ``(y3, mean, var, invstd)`` with per-channel (C,) statistics."""
+    """BatchNorm forward on (A, C, B): ``(y3, mean, var, invstd)`` with per-channel (C,) statistics.
+
+    An empty batch gives mean 0 and variance 0 (the statistics of nothing; callers do not use them).
+    """
+    if x3.numel() == 0:
+        zeros = torch.zeros(x3.shape[1], dtype=stat_dtype(x3.dtype), device=x3.device)
+        return torch.empty_like(x3), zeros, zeros.clone(), torch.full_like(zeros, eps).rsqrt_()
     if _native.usable(x3, weight, bias):
         return _native.column_forward(x3, weight, bias, eps)
     mean, var = column_mean_var(x3)
@@ -215,6 +224,14 @@ def column_backward(
     ``dweight = sum(g * xhat)``, ``dbias = sum(g)``.
     """
     need = (need[0], need[1] and weight is not None, need[2])
+    if x3.numel() == 0:  # an empty batch: empty input gradient, zero parameter gradients (sums of nothing)
+        c = x3.shape[1]
+        zeros = torch.zeros(c, dtype=x3.dtype, device=x3.device)
+        return (
+            torch.empty_like(x3) if need[0] else None,
+            zeros if need[1] else None,
+            zeros.clone() if need[2] else None,
+        )
     if _native.usable(g3, x3, mean, invstd, weight):
         return _native.column_backward(g3, x3, mean, invstd, weight, need)
     n = x3.shape[0] * x3.shape[2]
@@ -273,6 +290,12 @@ def row_backward(
     """
     need_dw = weight is not None and need[1]
     need_db = bias is not None and need[2]
+    if x.numel() == 0:  # empty input gradient, zero parameter gradients (sums of nothing)
+        return (
+            torch.empty_like(x) if need[0] else None,
+            torch.zeros_like(weight) if need_dw else None,
+            torch.zeros_like(bias) if need_db else None,
+        )
     affine = weight if weight is not None else bias
     layout = _native.row_layout(x, red, affine)
     if layout is not None and _native.usable(gy, x, weight):
