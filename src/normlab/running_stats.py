@@ -332,10 +332,18 @@ def _apply_update(m: nn.Module, mean: Tensor, var: Tensor, count: Tensor) -> Non
     if isinstance(m, _BatchNormBase):
         m._update(mean, var, count)
         return
-    with torch.no_grad():  # torch.nn's rule: momentum, or the cumulative average 1 / num_batches_tracked
-        m.num_batches_tracked.add_(1)
-        factor = m.momentum if m.momentum is not None else 1.0 / float(m.num_batches_tracked)
-        NF.update_running_stats(m.running_mean, m.running_var, mean, var, count, factor)
+    # torch.nn's rule (momentum, or the cumulative average over num_batches_tracked), with normlab's guard:
+    # a non-finite batch changes nothing, num_batches_tracked included
+    NF.update_running_stats(
+        m.running_mean,
+        m.running_var,
+        mean,
+        var,
+        count,
+        m.momentum,
+        num_batches_tracked=m.num_batches_tracked,
+        who=f"accumulate_stats: {type(m).__name__}",
+    )
 
 
 # --------------------------------------------------------------------------- freezing
@@ -367,7 +375,7 @@ def freeze(model: nn.Module, modules: ModuleSpec = None, *, affine_trainable: bo
             )
     swapped: dict[nn.Module, nn.Module] = {}
     for m in targets:
-        if isinstance(m, nn.SyncBatchNorm):  # torch's (GPU-only) SyncBatchNorm: normlab's, same tensors
+        if isinstance(m, nn.SyncBatchNorm) and not isinstance(m, _BatchNormBase):  # torch's: normlab's, same tensors
             swapped[m] = _to_sync(m, m.process_group)
         elif not isinstance(m, _BatchNormBase):
             new = convert(m, "normlab")
