@@ -318,7 +318,7 @@ def ema_update(running_mean, running_var, mean: Tensor, var: Tensor, weight: flo
 def column_forward(x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
     """BatchNorm forward on (A, C, B): ``(y3, mean, var, invstd)``, statistics in ``x3``'s dtype."""
     a, c, b = x3.shape
-    stats = torch.empty((3, c), dtype=x3.dtype)
+    stats = [torch.empty(c, dtype=x3.dtype) for _ in range(3)]  # separate tensors: operator outputs never alias
     y3 = torch.empty_like(x3)
     status = _fn("col_forward", x3)(
         _p(x3),
@@ -356,7 +356,7 @@ def column_backward(
 def row_forward(x: Tensor, layout, centered: bool, eps: float, weight: Tensor | None, bias: Tensor | None):
     """Row norm forward: ``(y, mean, var, rstd)``, per-row statistics (R,) in ``x``'s dtype."""
     r, k, g, l = layout
-    stats = torch.empty((3, r), dtype=x.dtype)
+    stats = [torch.empty(r, dtype=x.dtype) for _ in range(3)]  # separate tensors: operator outputs never alias
     y = torch.empty_like(x)
     _fn("row_fwd", x)(
         _p(x),

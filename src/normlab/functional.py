@@ -527,7 +527,6 @@ def instance_norm(
     w = None if weight is None else weight.view(1, c, 1)
     b = None if bias is None else bias.view(1, c, 1)
     y, mean, var = _row_norm(input, (n, c, spatial), 1, w, b, eps, True)
-    y = _like_layout(y, input)
     if running_mean is not None and running_var is not None and y.numel() and not _under_functorch():
         mean = mean.view(n, c).mean(0)
         var = (var.view(n, c) * (spatial / (spatial - 1))).mean(0)
