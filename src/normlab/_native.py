@@ -58,7 +58,7 @@ _i64, _dbl, _int, _ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_int, ctypes.c
 _SIGNATURES = {
     "col_stats": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _int],
     "col_bwd_sums": [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int],
-    "col_affine": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _int],
+    "col_affine": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
     "col_forward": [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _dbl, _ptr, _ptr, _ptr, _int],
     "col_backward": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
     "ema_update": [_ptr, _ptr, _ptr, _ptr, _i64, _dbl, _dbl],
@@ -255,7 +255,7 @@ def column_affine(
     vec = [t.to(dt).contiguous() for t in (centre, kx, shift)] + [None if kg is None else kg.to(dt).contiguous()]
     out = torch.empty_like(x3)
     _fn("col_affine", x3)(
-        _p(x3), _p(g3), _p(out), a, c, b, _p(vec[0]), _p(vec[1]), _p(vec[3]), _p(vec[2]), _nt(x3.numel())
+        _p(x3), _p(g3), _p(out), a, c, b, _p(vec[0]), None, _p(vec[1]), _p(vec[3]), _p(vec[2]), _nt(x3.numel())
     )
     return out
 
