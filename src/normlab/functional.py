@@ -266,21 +266,31 @@ def batch_norm(
             raise ValueError("batch_norm: eval mode needs running_mean and running_var (or pass training=True)")
         if dim == 1 and torch.onnx.is_in_onnx_export():  # the standard BatchNormalization node
             return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
-        scale = torch.rsqrt(running_var + eps)
-        if weight is not None:
-            scale = scale * weight
-        shift = -running_mean * scale
-        if bias is not None:
-            shift = shift + bias
-        nd = input.dim()
-        return torch.addcmul(
-            _affine_view(shift, c, dim, nd).to(input.dtype), input, _affine_view(scale, c, dim, nd).to(input.dtype)
-        )
+        return _batch_norm_eval(input, running_mean, running_var, weight, bias, eps, dim)
 
     y, mean, var, count = batch_norm_train(input, weight, bias, eps, feature_dim=dim, mask=mask)
     if running_mean is not None and running_var is not None and not _under_functorch():
         update_running_stats(running_mean, running_var, mean, var, count, momentum, who="batch_norm")
     return y
+
+
+def _batch_norm_eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight, bias, eps: float, dim: int):
+    """``(x - running_mean) * (weight / sqrt(running_var + eps)) + bias`` in differentiable tensor ops.
+
+    The mean is subtracted first (folding it into the shift, ``x * s - mean * s``, loses ``|mean| / std``
+    ulps), and half-precision inputs are computed in float32 and rounded once.
+    """
+    dt = torch.float32 if x.dtype in _HALF else x.dtype
+    c, nd = x.shape[dim], x.dim()
+    scale = torch.rsqrt(running_var.to(dt) + eps)
+    if weight is not None:
+        scale = scale * weight.to(dt)
+    xc = x.to(dt) - _affine_view(running_mean.to(dt), c, dim, nd)
+    if bias is None:
+        y = xc * _affine_view(scale, c, dim, nd)
+    else:
+        y = torch.addcmul(_affine_view(bias.to(dt), c, dim, nd), xc, _affine_view(scale, c, dim, nd))
+    return y.to(x.dtype)
 
 
 def batch_norm_train(
