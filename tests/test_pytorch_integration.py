@@ -333,3 +333,66 @@ def test_memory_format_of_the_output_is_torch_nns(name, args):
     for fmt in (torch.channels_last, torch.contiguous_format):
         assert ours.is_contiguous(memory_format=fmt) == theirs.is_contiguous(memory_format=fmt)
     assert name == "InstanceNorm2d" or ours.is_contiguous(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------- the operators themselves
+
+
+def _op_samples():
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape, grad=True):
+        return torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_(grad)
+
+    x3, w, b = t(4, 3, 5), t(3), t(3)
+    y3, mean, var, invstd = torch.ops.normlab.batch_norm_fwd(x3.detach(), w.detach(), b.detach(), 1e-5)
+    x, wr, br = t(4, 2, 3, 5), t(1, 2, 3, 1), t(1, 2, 3, 1)
+    _, rmean, _, rinv = torch.ops.normlab.row_norm_fwd(x.detach(), wr.detach(), br.detach(), 1e-5, 2, True)
+    running = [torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
+    counters = [torch.tensor(0), torch.tensor(0)]
+    count = torch.tensor(20.0, dtype=torch.float64)
+    return [
+        (torch.ops.normlab.batch_norm_fwd.default, (x3, w, b, 1e-5)),
+        (torch.ops.normlab.batch_norm_fwd.default, (x3, None, None, 1e-3)),
+        (
+            torch.ops.normlab.batch_norm_bwd.default,
+            (t(4, 3, 5, grad=False), x3.detach(), mean, invstd, w.detach(), [True, True, True]),
+        ),
+        (torch.ops.normlab.row_norm_fwd.default, (x, wr, br, 1e-5, 2, True)),
+        (torch.ops.normlab.row_norm_fwd.default, (x, wr, None, 1e-5, 2, False)),
+        (
+            torch.ops.normlab.row_norm_bwd.default,
+            (t(4, 2, 3, 5, grad=False), x.detach(), rmean, rinv, wr.detach(), br.detach(), 2, True, [True, True, True]),
+        ),
+        (
+            torch.ops.normlab.update_running_stats_.default,
+            (*running, *counters, mean, var, count, 0.1, False, False, True, "opcheck"),
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    "op, args", _op_samples(), ids=lambda v: str(v) if isinstance(v, torch._ops.OpOverload) else ""
+)
+def test_operators_pass_torch_library_opcheck(op, args):
+    """Schema (mutations declared), fake kernel, autograd registration and AOT dispatch, by PyTorch's own checker."""
+    torch.library.opcheck(op, args)
+
+
+def test_operator_path_equals_eager_path_with_gradients():
+    """The dispatcher path (what compile/export trace) and the eager CPU path compute the same, twice differentiable."""
+    from normlab import _ops
+
+    g = torch.Generator().manual_seed(3)
+    x3 = torch.randn(5, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, generator=g, dtype=torch.float64).add_(0.5).requires_grad_()
+    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda *a: _ops.batch_norm_fwd(*a, 1e-5)[0], (x3, w, b))
+    torch.autograd.gradgradcheck(lambda *a: _ops.batch_norm_fwd(*a, 1e-5)[0], (x3, w, b))
+    y_op = _ops.batch_norm_fwd(x3, w, b, 1e-5)[0]
+    y_eager = _ops._EagerBatchNorm.apply(x3, w, b, 1e-5)[0]
+    torch.testing.assert_close(y_op, y_eager, rtol=0, atol=0)
+    xr = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    wr = torch.rand(1, 6, generator=g, dtype=torch.float64).add_(0.5).requires_grad_()
+    torch.autograd.gradcheck(lambda *a: _ops.row_norm_fwd(*a, None, 1e-5, 1, True)[0], (xr, wr))
+    torch.autograd.gradgradcheck(lambda *a: _ops.row_norm_fwd(*a, None, 1e-5, 1, False)[0], (xr, wr))

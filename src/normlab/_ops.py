@@ -30,6 +30,13 @@ tensor ops instead (see ``functional._under_functorch``).
 
 The operators take float32 and float64 tensors (half inputs are converted by the
 callers, which accumulate in float32) and contiguous inputs.
+
+Eager calls on plain CPU tensors skip the dispatcher: :func:`batch_norm_forward`,
+:func:`row_norm_forward` and :func:`update_running_stats` run the very same
+implementations, setup and backward through a ``torch.autograd.Function``,
+which costs a few Python layers less per call (what decides the speed of small
+layers). Anything that traces (``torch.compile``, ``torch.export``, fake or
+functional tensors, a dispatch mode) gets the operators.
 """
 
 from __future__ import annotations
@@ -38,11 +45,22 @@ import warnings
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from normlab import _kernels as K
 from normlab import _native
 
-__all__ = ["batch_norm_fwd", "batch_norm_bwd", "row_norm_fwd", "row_norm_bwd", "update_running_stats_", "ema_weight"]
+__all__ = [
+    "batch_norm_fwd",
+    "batch_norm_bwd",
+    "row_norm_fwd",
+    "row_norm_bwd",
+    "update_running_stats_",
+    "batch_norm_forward",
+    "row_norm_forward",
+    "update_running_stats",
+    "ema_weight",
+]
 
 _lib = torch.library.Library("normlab", "DEF")  # noqa: TOR901 - the library lives as long as the process
 _lib.define("batch_norm_fwd(Tensor x3, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)")
@@ -171,7 +189,8 @@ def _update_running_stats_(
     who: str,
 ) -> None:
     convention = "decay" if decay else "torch"
-    if count.device.type == "cpu" and num_batches_tracked.device.type == "cpu":  # host numbers: no sync to avoid
+    on_host = not isinstance(count, Tensor) or count.device.type == "cpu"  # a number on the eager path
+    if on_host and num_batches_tracked.device.type == "cpu":  # host numbers: no sync to avoid
         n = float(count)
         if n == 0:  # an empty batch: nothing to average in, counted as torch.nn counts it
             num_batches_tracked.add_(1)
@@ -285,7 +304,7 @@ def _backward_batch_norm(ctx, grad, _gmean, _gvar, _ginvstd):
         dx, dw, db = norm_backward(grad, x3, w, ctx.eps, (0, 2), True, need, (1, c, 1))
         return dx, None if dw is None else dw.view(c), None if db is None else db.view(c), None
     need = [need[0], need[1] and weight is not None, need[2]]
-    dx, dw, db = batch_norm_bwd(grad, x3, mean, invstd, weight, need)
+    dx, dw, db = (_batch_norm_bwd if _eager(x3) else batch_norm_bwd)(grad, x3, mean, invstd, weight, need)
     return dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None
 
 
@@ -310,7 +329,8 @@ def _backward_row_norm(ctx, grad, _gmean, _gvar, _ginvstd):
         dx, dw, db = norm_backward(grad, x, weight, ctx.eps, stat_dims, centered, need, shape)
         return dx, dw, db, None, None, None
     need = [need[0], need[1] and weight is not None, need[2] and bias is not None]
-    dx, dw, db = row_norm_bwd(grad, x, mean, invstd, weight, bias, red, centered, need)
+    bwd = _row_norm_bwd if _eager(x) else row_norm_bwd
+    dx, dw, db = bwd(grad, x, mean, invstd, weight, bias, red, centered, need)
     return dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None, None, None
 
 
@@ -323,3 +343,75 @@ batch_norm_bwd = torch.ops.normlab.batch_norm_bwd.default
 row_norm_fwd = torch.ops.normlab.row_norm_fwd.default
 row_norm_bwd = torch.ops.normlab.row_norm_bwd.default
 update_running_stats_ = torch.ops.normlab.update_running_stats_.default
+
+
+# --------------------------------------------------------------------------- the eager path
+
+
+def _eager(x: Tensor) -> bool:
+    """True for an eager call on a plain CPU tensor: nothing traces it, so the operators' Python layers can go."""
+    if torch.compiler.is_compiling():
+        return False
+    return type(x) is Tensor and x.is_cpu and _get_current_dispatch_mode() is None
+
+
+class _EagerBatchNorm(torch.autograd.Function):
+    """``batch_norm_fwd`` for eager CPU calls: its implementation, setup and backward, without the dispatcher."""
+
+    @staticmethod
+    def forward(ctx, x3, weight, bias, eps):
+        out = _batch_norm_fwd(x3, weight, bias, eps)
+        _setup_batch_norm(ctx, (x3, weight, bias, eps), out)
+        return out
+
+    backward = staticmethod(_backward_batch_norm)
+
+
+class _EagerRowNorm(torch.autograd.Function):
+    """``row_norm_fwd`` for eager CPU calls (see :class:`_EagerBatchNorm`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, red, centered):
+        out = _row_norm_fwd(x, weight, bias, eps, red, centered)
+        _setup_row_norm(ctx, (x, weight, bias, eps, red, centered), out)
+        return out
+
+    backward = staticmethod(_backward_row_norm)
+
+
+def batch_norm_forward(x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    """``normlab::batch_norm_fwd(x3, weight, bias, eps)`` -> ``(y3, mean, var, invstd)``, differentiable in y3."""
+    if _eager(x3):
+        return _EagerBatchNorm.apply(x3, weight, bias, eps)
+    return batch_norm_fwd(x3, weight, bias, eps)
+
+
+def row_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, red: int, centered: bool):
+    """``normlab::row_norm_fwd(...)`` -> ``(y, mean, var, invstd)``, differentiable in y."""
+    if _eager(x):
+        return _EagerRowNorm.apply(x, weight, bias, eps, red, centered)
+    return row_norm_fwd(x, weight, bias, eps, red, centered)
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor,
+    num_nonfinite_batches: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int | float | Tensor,
+    momentum: float | None,
+    decay: bool,
+    debias: bool,
+    unbiased: bool,
+    who: str,
+) -> None:
+    """``normlab::update_running_stats_(...)``, in place; ``count`` may also be a number."""
+    args = (running_mean, running_var, num_batches_tracked, num_nonfinite_batches, mean, var)
+    if _eager(running_mean):
+        _update_running_stats_(*args, count, momentum, decay, debias, unbiased, who)
+        return
+    if not isinstance(count, Tensor):
+        count = torch.tensor(float(count), dtype=torch.float64)
+    update_running_stats_(*args, count, momentum, decay, debias, unbiased, who)

@@ -157,7 +157,7 @@ def moments(x: Tensor, dims: Sequence[int], *, unbiased: bool = False) -> tuple[
         rows = perm.reshape(1, math.prod(perm.shape[: len(keep)]), -1)
         if x.dtype in _HALF:
             rows = rows.float()
-        mean, var = _ops.batch_norm_fwd(rows, None, None, 0.0)[1:3]
+        mean, var = _ops.batch_norm_forward(rows, None, None, 0.0)[1:3]
         n = rows.shape[2]
     if unbiased:
         var = var * (n / max(n - 1, 1))
@@ -203,9 +203,7 @@ def update_running_stats(
         num_nonfinite_batches if num_nonfinite_batches is not None else torch.zeros((), dtype=torch.long, device=device)
     )
     before = skipped.clone()
-    if not isinstance(count, Tensor):
-        count = torch.tensor(float(count), dtype=torch.float64)
-    _ops.update_running_stats_(
+    _ops.update_running_stats(
         running_mean, running_var, nbt, skipped, mean.detach(), var.detach(), count, weight, False, False, unbiased, who
     )
     return skipped == before
@@ -335,7 +333,7 @@ def _batch_norm_train(x: Tensor, dim: int, weight, bias, eps: float):
         y = _affine(xhat, _affine_view(weight, c, dim, x.dim()), _affine_view(bias, c, dim, x.dim()))
         return y, mean.detach().reshape(c), var.detach().reshape(c)
     x3, back = _column_view(x, dim)
-    y3, mean, var, _ = _ops.batch_norm_fwd(x3, weight, bias, eps)
+    y3, mean, var, _ = _ops.batch_norm_forward(x3, weight, bias, eps)
     return back(y3), mean, var
 
 
@@ -384,7 +382,7 @@ def _row_norm(x: Tensor, view: Sequence[int], red: int, weight, bias, eps: float
         if not centered:
             mean = torch.zeros_like(var)
         return _affine(xhat, weight, bias).view(x.shape), mean.detach(), var.detach()
-    y, mean, var, _ = _ops.row_norm_fwd(xv.contiguous(), weight, bias, eps, red, centered)
+    y, mean, var, _ = _ops.row_norm_forward(xv.contiguous(), weight, bias, eps, red, centered)
     return y.view(x.shape), mean, var
 
 

@@ -50,7 +50,6 @@ Shape: ``BatchNorm1d`` (N, C) or (N, C, L); ``BatchNorm2d`` (N, C, H, W);
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -160,9 +159,7 @@ class _BatchNormBase(MaskedNormLayer, _BatchNorm):
 
     def _update(self, mean: Tensor, var: Tensor, count: int | Tensor) -> None:
         """Blend batch statistics into the running ones; a non-finite batch is skipped, counted and warned about."""
-        if not isinstance(count, Tensor):
-            count = torch.tensor(float(count), dtype=torch.float64)
-        _ops.update_running_stats_(
+        _ops.update_running_stats(
             self.running_mean,
             self.running_var,
             self.num_batches_tracked,
