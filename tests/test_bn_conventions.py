@@ -20,7 +20,6 @@ from torch import nn
 
 import normlab
 from normlab import _ops
-from normlab import functional as NF
 
 C = 3
 
