@@ -13,7 +13,8 @@ For each case both implementations run on the same input and upstream
 gradient, interleaved (ours, theirs, ours, ...) so drifts in machine load hit
 both; the time is the median over the repetitions. "ratio" is normlab / torch:
 below 1.0 normlab is faster. Peak memory is the largest amount of tensor memory
-alive at once during one forward+backward beyond the input and upstream
+alive at once during one forward+backward (from zero: the previous step's
+gradients are freed before it) beyond the input and upstream
 gradient (allocations minus frees in time order, each op's counted at its end,
 from PyTorch's profiler with profile_memory=True); "saved" is what each keeps for the backward beyond the
 input itself.
@@ -122,9 +123,12 @@ def _peak_and_saved(mod, x, g):
         saved.append(t.untyped_storage().nbytes())
         return t
 
+    x.grad = None  # freed before the profile: a previous step's gradient must not count as a free inside it
+    for p in mod.parameters():
+        p.grad = None
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            _step(mod, x, g)
+            mod(x).backward(g)
     # bytes allocated minus freed, in time order: its maximum is the peak. Each op's own (self)
     # allocations and frees are counted when it ends, so nested ops cannot hide a peak
     live = peak = 0
