@@ -148,16 +148,21 @@ class _SyncColumnNorm(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
-class SyncBatchNorm(BatchNorm, nn.SyncBatchNorm):
+class SyncBatchNorm(BatchNorm):
     """BatchNorm whose training statistics are those of the batch across all processes.
 
-    Signature as :class:`torch.nn.SyncBatchNorm` (and an instance of it) plus
-    normlab's keyword-only options (``feature_dim``, ``momentum_convention``,
+    Signature as :class:`torch.nn.SyncBatchNorm` plus normlab's keyword-only
+    options (``feature_dim``, ``momentum_convention``,
     ``debias``, ``frozen``, ``unbiased_running_var``). Input (N, C, *) for
     ``feature_dim=1``, any layout with the features on ``feature_dim``
     otherwise; output as input. Synchronises only in training mode with an
     active process group of more than one process (any device, gloo included);
     otherwise it is :class:`normlab.BatchNorm`.
+
+    An instance of ``torch.nn.modules.batchnorm._BatchNorm`` but deliberately not
+    of ``torch.nn.SyncBatchNorm``: ``DistributedDataParallel`` refuses every
+    ``nn.SyncBatchNorm`` on the CPU ("SyncBatchNorm layers only work with GPU
+    modules"), and working there is what this layer is for.
     """
 
     def __init__(
