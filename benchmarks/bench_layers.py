@@ -2,11 +2,19 @@
 
     make bench                      # or: python benchmarks/bench_layers.py [--reps 15] [--quick]
 
+Four tables: layers on float32 tensors of realistic size (time and memory);
+tiny tensors, where the per-call cost decides (microseconds per step); a
+bfloat16 block; and whole training steps — a lab-style model (a deep stack of
+small Conv -> norm -> ReLU blocks, batch 32) with BatchNorm, GroupNorm and
+LayerNorm, and the small CNN under ``torch.compile`` — each with normlab's
+norms against the same model with torch.nn's.
+
 For each case both implementations run on the same input and upstream
 gradient, interleaved (ours, theirs, ours, ...) so drifts in machine load hit
 both; the time is the median over the repetitions. "ratio" is normlab / torch:
 below 1.0 normlab is faster. Peak memory is the largest amount of tensor memory
-alive at once during one forward+backward beyond the input and upstream
+alive at once during one forward+backward (from zero: the previous step's
+gradients are freed before it) beyond the input and upstream
 gradient (allocations minus frees in time order, each op's counted at its end,
 from PyTorch's profiler with profile_memory=True); "saved" is what each keeps for the backward beyond the
 input itself.
@@ -18,6 +26,7 @@ import argparse
 import platform
 import statistics
 import time
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -57,8 +66,6 @@ def cases(quick: bool):
     out.append(
         ("GroupNorm(8) NCHW", (32, 64, 32, 32), cf, lambda: nn.GroupNorm(8, 64), lambda: normlab.GroupNorm(8, 64))
     )
-    # a tiny batch: per-call overhead (Python, autograd.Function) dominates, not arithmetic
-    out.append(("BatchNorm2d tiny", (2, 8, 8, 8), cf, lambda: nn.BatchNorm2d(8), lambda: normlab.BatchNorm2d(8)))
     out.append(
         (
             "InstanceNorm2d NCHW",
@@ -69,6 +76,37 @@ def cases(quick: bool):
         )
     )
     return out
+
+
+def tiny_cases():
+    """Tensors small enough that the per-call cost (Python, autograd) is what is measured."""
+    return [
+        ("BatchNorm2d", (2, 8, 8, 8), lambda: nn.BatchNorm2d(8), lambda: normlab.BatchNorm2d(8)),
+        ("BatchNorm2d", (4, 16, 6, 6), lambda: nn.BatchNorm2d(16), lambda: normlab.BatchNorm2d(16)),
+        ("BatchNorm1d", (16, 32), lambda: nn.BatchNorm1d(32), lambda: normlab.BatchNorm1d(32)),
+        ("LayerNorm", (8, 10, 24), lambda: nn.LayerNorm(24), lambda: normlab.LayerNorm(24)),
+        ("RMSNorm", (8, 10, 24), lambda: nn.RMSNorm(24), lambda: normlab.RMSNorm(24)),
+        ("GroupNorm(4)", (4, 16, 6, 6), lambda: nn.GroupNorm(4, 16), lambda: normlab.GroupNorm(4, 16)),
+        ("InstanceNorm2d", (4, 16, 6, 6), lambda: nn.InstanceNorm2d(16), lambda: normlab.InstanceNorm2d(16)),
+    ]
+
+
+def bf16_cases(quick: bool):
+    cl, cf = torch.channels_last, torch.contiguous_format
+    out = [
+        ("BatchNorm2d NCHW", (32, 64, 32, 32), cf, lambda: nn.BatchNorm2d(64), lambda: normlab.BatchNorm2d(64)),
+        (
+            "BatchNorm2d channels-last",
+            (32, 64, 32, 32),
+            cl,
+            lambda: nn.BatchNorm2d(64),
+            lambda: normlab.BatchNorm2d(64),
+        ),
+        ("LayerNorm (N, S, D)", (16, 256, 768), cf, lambda: nn.LayerNorm(768), lambda: normlab.LayerNorm(768)),
+        ("RMSNorm (N, S, D)", (16, 256, 768), cf, lambda: nn.RMSNorm(768), lambda: normlab.RMSNorm(768)),
+        ("GroupNorm(8) NCHW", (32, 64, 32, 32), cf, lambda: nn.GroupNorm(8, 64), lambda: normlab.GroupNorm(8, 64)),
+    ]
+    return out[:1] if quick else out
 
 
 def _step(mod, x, g):
@@ -85,9 +123,12 @@ def _peak_and_saved(mod, x, g):
         saved.append(t.untyped_storage().nbytes())
         return t
 
+    x.grad = None  # freed before the profile: a previous step's gradient must not count as a free inside it
+    for p in mod.parameters():
+        p.grad = None
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            _step(mod, x, g)
+            mod(x).backward(g)
     # bytes allocated minus freed, in time order: its maximum is the peak. Each op's own (self)
     # allocations and frees are counted when it ends, so nested ops cannot hide a peak
     live = peak = 0
@@ -99,27 +140,121 @@ def _peak_and_saved(mod, x, g):
     return peak / 2**20, max(0, sum(saved) - x_bytes) / 2**20
 
 
-def measure(reps: int, quick: bool):
+def _interleaved(fns, reps: int) -> list[float]:
+    """Median seconds of each function, run interleaved (a, b, a, b, ...) so drifts in load hit all alike."""
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for f, acc in zip(fns, times):
+            t0 = time.perf_counter()
+            f()
+            acc.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def measure(reps: int, quick: bool, case_list=None, dtype=torch.float32, memory: bool = True):
     rows = []
-    for name, shape, fmt, make_ref, make_ours in cases(quick):
+    for name, shape, fmt, make_ref, make_ours in case_list if case_list is not None else cases(quick):
         torch.manual_seed(0)
-        x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
-        g = torch.randn(shape).contiguous(memory_format=fmt)
-        ref, ours = make_ref(), make_ours()
+        x = torch.randn(shape).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+        g = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
+        ref, ours = make_ref().to(dtype), make_ours().to(dtype)
         for _ in range(3):
             _step(ref, x, g), _step(ours, x, g)
-        t_ref, t_ours = [], []
-        for _ in range(reps if x.numel() > 1 << 16 else reps * 20):
-            for mod, acc in ((ours, t_ours), (ref, t_ref)):
-                t0 = time.perf_counter()
-                _step(mod, x, g)
-                acc.append(time.perf_counter() - t0)
-        m_ours, m_ref = statistics.median(t_ours) * 1e3, statistics.median(t_ref) * 1e3
-        p_ours, s_ours = _peak_and_saved(ours, x, g)
-        p_ref, s_ref = _peak_and_saved(ref, x, g)
+        n = reps if x.numel() > 1 << 16 else reps * 20
+        t_ours, t_ref = _interleaved([partial(_step, ours, x, g), partial(_step, ref, x, g)], n)
+        m_ours, m_ref = t_ours * 1e3, t_ref * 1e3
+        p_ours, s_ours = _peak_and_saved(ours, x, g) if memory else (0.0, 0.0)
+        p_ref, s_ref = _peak_and_saved(ref, x, g) if memory else (0.0, 0.0)
         rows.append((name, shape, m_ref, m_ours, m_ours / m_ref, p_ref, p_ours, s_ref, s_ours))
-        print(f"  measured {name} {tuple(shape)}", flush=True)
+        print(f"  measured {name} {tuple(shape)} {dtype}", flush=True)
     return rows
+
+
+def measure_tiny(reps: int):
+    rows = []
+    for name, shape, make_ref, make_ours in tiny_cases():
+        torch.manual_seed(0)
+        x = torch.randn(shape, requires_grad=True)
+        g = torch.randn(shape)
+        ref, ours = make_ref(), make_ours()
+        for _ in range(50):
+            _step(ref, x, g), _step(ours, x, g)
+        t_ours, t_ref = _interleaved([partial(_step, ours, x, g), partial(_step, ref, x, g)], reps * 40)
+        rows.append((name, shape, t_ref * 1e6, t_ours * 1e6, t_ours / t_ref))
+        print(f"  measured tiny {name} {tuple(shape)}", flush=True)
+    return rows
+
+
+def _deep_stack(norm, depth: int = 21, width: int = 16) -> nn.Module:
+    """A lab-style model: Conv(3 -> width) then depth - 1 Conv(width -> width), each -> norm -> ReLU; 10 classes."""
+    layers, c_in = [], 3
+    for _ in range(depth):
+        layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), norm(width), nn.ReLU()]
+        c_in = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
+
+
+def _train_step(model, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def _pair_of_models(make):
+    torch.manual_seed(0)
+    ref, ours = make(nn), make(normlab)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def measure_steps(reps: int, quick: bool, compiled: bool):
+    """Training-step time of whole models: normlab's norms against torch.nn's in the same model."""
+    norms = {
+        "BatchNorm2d": lambda lib: lib.BatchNorm2d,
+        "GroupNorm(4)": lambda lib: lambda c: lib.GroupNorm(4, c),
+        "LayerNorm (GroupNorm(1))": lambda lib: lambda c: lib.GroupNorm(1, c),
+    }
+    rows = []
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
+    for label, norm in list(norms.items())[: 1 if quick else 3]:
+        ref, ours = _pair_of_models(lambda lib, norm=norm: _deep_stack(norm(lib)))
+        opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (ref, ours)]
+        for _ in range(5):
+            _train_step(ref, opts[0], x, y), _train_step(ours, opts[1], x, y)
+        t_ours, t_ref = _interleaved(
+            [partial(_train_step, ours, opts[1], x, y), partial(_train_step, ref, opts[0], x, y)], reps * 2
+        )
+        rows.append((f"lab-style: 21 x (Conv16 -> {label} -> ReLU), batch 32, 8x8", t_ref * 1e3, t_ours * 1e3))
+        print(f"  measured lab-style step {label}", flush=True)
+    if compiled:
+        from normlab.lab.models import build_model
+
+        def cnn(lib):
+            return build_model("cnn", in_shape=(3, 32, 32), num_classes=10, norm_layer=lib.BatchNorm2d)
+
+        ref, ours = _pair_of_models(cnn)
+        ref, ours = torch.compile(ref), torch.compile(ours)
+        x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+        opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (ref, ours)]
+        for _ in range(3):  # compiles, then warms up
+            _train_step(ref, opts[0], x, y), _train_step(ours, opts[1], x, y)
+        t_ours, t_ref = _interleaved(
+            [partial(_train_step, ours, opts[1], x, y), partial(_train_step, ref, opts[0], x, y)], reps * 2
+        )
+        rows.append(("torch.compile: small CNN (BatchNorm2d), batch 64, 32x32", t_ref * 1e3, t_ours * 1e3))
+        print("  measured compiled small CNN", flush=True)
+    return rows
+
+
+def _table(rows, unit: str = "ms") -> None:
+    print(
+        f"| layer | shape | torch {unit} | normlab {unit} | ratio | torch peak MiB | normlab peak MiB | "
+        "torch saved MiB | normlab saved MiB |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, shape, tr, to, ratio, pr, po, sr, so in rows:
+        shp = "×".join(map(str, shape))
+        print(f"| {name} | {shp} | {tr:.1f} | {to:.1f} | **{ratio:.2f}** | {pr:.0f} | {po:.0f} | {sr:.1f} | {so:.1f} |")
 
 
 def main(argv=None) -> None:
@@ -129,9 +264,10 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--tuned-malloc",
         action="store_true",
-        help="first tell glibc to keep freed blocks (normlab.lab.runtime.tune_allocator), as normlab's training loop does: "
-        "fresh outputs then cost no page faults, for both implementations, and the kernels' own speed shows",
+        help="first tell glibc to keep freed blocks (normlab.lab.runtime.tune_allocator), as normlab's training loop "
+        "does: fresh outputs then cost no page faults, for both implementations, and the kernels' own speed shows",
     )
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (it compiles two models)")
     args = ap.parse_args(argv)
     allocator = "default glibc allocator"
     if args.tuned_malloc:
@@ -147,19 +283,38 @@ def main(argv=None) -> None:
         "float32, train-mode forward+backward"
     )
     rows = measure(args.reps, args.quick)
+    tiny = measure_tiny(args.reps)
+    bf16 = measure(args.reps, args.quick, bf16_cases(args.quick), dtype=torch.bfloat16, memory=False)
+    steps = measure_steps(args.reps, args.quick, compiled=not args.no_compile)
     print()
-    print(
-        "| layer | shape | torch ms | normlab ms | ratio | torch peak MiB | normlab peak MiB | torch saved MiB | normlab saved MiB |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, shape, tr, to, ratio, pr, po, sr, so in rows:
-        shp = "×".join(map(str, shape))
-        print(f"| {name} | {shp} | {tr:.1f} | {to:.1f} | **{ratio:.2f}** | {pr:.0f} | {po:.0f} | {sr:.1f} | {so:.1f} |")
+    _table(rows)
     ratios = sorted(r[4] for r in rows)
     print()
     print(
-        f"median ratio {statistics.median(ratios):.2f}, worst {max(ratios):.2f} (normlab time / torch time; < 1 is faster)"
+        f"median ratio {statistics.median(ratios):.2f}, worst {max(ratios):.2f} "
+        "(normlab time / torch time; < 1 is faster)"
     )
+    print()
+    print("Tiny tensors (per-call cost), train-mode forward+backward:")
+    print()
+    print("| layer | shape | torch µs | normlab µs | ratio |")
+    print("|---|---|---:|---:|---:|")
+    for name, shape, tr, to, ratio in tiny:
+        print(f"| {name} | {'×'.join(map(str, shape))} | {tr:.0f} | {to:.0f} | **{ratio:.2f}** |")
+    print()
+    print("bfloat16, train-mode forward+backward:")
+    print()
+    print("| layer | shape | torch ms | normlab ms | ratio |")
+    print("|---|---|---:|---:|---:|")
+    for name, shape, tr, to, ratio, *_ in bf16:
+        print(f"| {name} | {'×'.join(map(str, shape))} | {tr:.2f} | {to:.2f} | **{ratio:.2f}** |")
+    print()
+    print("Training steps (forward, loss, backward, SGD step), the same model with torch.nn's or normlab's norms:")
+    print()
+    print("| model | torch.nn norms ms | normlab norms ms | ratio |")
+    print("|---|---:|---:|---:|")
+    for name, tr, to in steps:
+        print(f"| {name} | {tr:.2f} | {to:.2f} | **{to / tr:.2f}** |")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import normlab.functional as NF
@@ -116,15 +116,47 @@ def test_row_norms_match_closed_form_and_torch(x, kind):
     assert (y1 - yn).abs().max() <= (y2 - yn).abs().max() + 1e-12  # never less accurate than PyTorch
 
 
-@SETTINGS
+def _float32_errors(ours, theirs, x: torch.Tensor) -> tuple[float, float, float]:
+    """Errors of two float32 implementations against the exact (float64) result on the same float32 input.
+
+    The oracle sees exactly the values the float32 layers see (``x`` rounded to float32), so the errors
+    measure the arithmetic, not the rounding of the input. Returns (ours, theirs, 4 ulps of the output).
+    """
+    x32 = x.float()
+    exact = ours(x32.double())
+    err_ours = (ours(x32).double() - exact).abs().max().item()
+    err_theirs = (theirs(x32).double() - exact).abs().max().item()
+    return err_ours, err_theirs, 4 * torch.finfo(torch.float32).eps * exact.abs().max().item()
+
+
+# hypothesis' find that showed the float32 mean was rounded before it was subtracted: two samples of
+# ~1e5 with a spread of ~100 (normlab erred 3e-4, PyTorch 8e-5)
+_LARGE_MEAN_SMALL_SPREAD = torch.tensor([[[100031.5, 99987.25]], [[100012.0, 99934.75]]], dtype=torch.float64)
+
+
+@settings(SETTINGS, derandomize=True)  # a fixed sequence of examples: CI cannot flake
+@example(_LARGE_MEAN_SMALL_SPREAD)
 @given(nchw_batches())
 def test_float32_batch_statistics_at_least_as_accurate_as_torch(x):
-    """Against a float64 oracle, normlab's float32 output errs no more than PyTorch's float32 output (x4)."""
-    oracle = F.batch_norm(x, None, None, training=True)
-    x32 = x.float()
-    err_ours = (NF.batch_norm(x32, None, None, training=True).double() - oracle).abs().max()
-    err_torch = (F.batch_norm(x32, None, None, training=True).double() - oracle).abs().max()
-    assert err_ours <= 4 * err_torch + 1e-5
+    """normlab's float32 BatchNorm errs no more than PyTorch's, or is within 4 ulps of the exact result."""
+    err_ours, err_torch, ulps = _float32_errors(
+        lambda t: NF.batch_norm(t, None, None, training=True), lambda t: F.batch_norm(t, None, None, training=True), x
+    )
+    assert err_ours <= max(err_torch, ulps)
+
+
+@settings(SETTINGS, derandomize=True)
+@example(_LARGE_MEAN_SMALL_SPREAD)
+@given(nchw_batches())
+def test_float32_row_norms_at_least_as_accurate_as_torch(x):
+    """The same for LayerNorm and GroupNorm (their statistics per sample)."""
+    trail = tuple(x.shape[1:])
+    for ours, theirs in (
+        (lambda t: NF.layer_norm(t, trail), lambda t: F.layer_norm(t, trail)),
+        (lambda t: NF.group_norm(t, 1), lambda t: F.group_norm(t, 1)),
+    ):
+        err_ours, err_torch, ulps = _float32_errors(ours, theirs, x)
+        assert err_ours <= max(err_torch, ulps)
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])

@@ -77,11 +77,12 @@ def test_convert_small_cnn_same_outputs_and_training_continues_identically():
     ours = _cnn()
     ours.load_state_dict(ref.state_dict())
     ours = normlab.convert(ours)
-    assert not any(isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)) for m in ours.modules())
+    # normlab's layers are instances of torch.nn's classes; none of torch.nn's own classes is left
+    assert not any(type(m) in (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm) for m in ours.modules())
     assert sum(isinstance(m, (normlab.BatchNorm2d, normlab.GroupNorm, normlab.LayerNorm)) for m in ours.modules()) == 3
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     opt_ours = torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9)
-    for step in range(4):
+    for _ in range(4):
         x, y = torch.randn(10, 3, 6, 6), torch.randint(0, 4, (10,))
         for m, opt in ((ref, opt_ref), (ours, opt_ours)):
             opt.zero_grad()

@@ -113,8 +113,8 @@ def test_recalibrate_restores_modes_momentum_counters_and_hooks():
 def test_recalibrate_errors_leave_the_model_untouched():
     model = _model()
     state = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="ran out after 2 of num_batches=5"):
-        normlab.recalibrate(model, _batches()[:2], num_batches=5)
+    with pytest.raises(ValueError, match="yielded no batch"):
+        normlab.recalibrate(model, [], num_batches=5)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
     assert model.training and model[1].track_running_stats
@@ -122,6 +122,15 @@ def test_recalibrate_errors_leave_the_model_untouched():
         normlab.recalibrate(nn.Linear(2, 2), [torch.randn(3, 2)])
     with pytest.raises(TypeError, match="forward=lambda model, batch"):
         normlab.recalibrate(model, [object()])
+
+
+def test_recalibrate_with_fewer_batches_than_asked_uses_them_all_and_warns():
+    short, full = _model(), _model()
+    with pytest.warns(UserWarning, match="ran out after 2 of num_batches=5"):
+        normlab.recalibrate(short, _batches()[:2], num_batches=5)
+    normlab.recalibrate(full, _batches()[:2])
+    for (k, v), w in zip(short.state_dict().items(), full.state_dict().values()):
+        assert torch.equal(v, w), k
 
 
 def test_recalibrate_masks_ghost_batches_and_frozen_layers():

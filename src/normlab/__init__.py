@@ -11,7 +11,7 @@ conventions and state dicts) with forward and backward written out::
 
 from normlab import functional
 from normlab.audit import AuditReport, audit
-from normlab.convert import convert, to_normlab, to_torch
+from normlab.convert import convert, fuser_method_mapping, to_normlab, to_torch
 from normlab.layers import (
     BatchNorm,
     BatchNorm1d,
@@ -41,6 +41,7 @@ __all__ = [
     "convert",
     "to_normlab",
     "to_torch",
+    "fuser_method_mapping",
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",

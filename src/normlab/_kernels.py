@@ -54,22 +54,41 @@ def _chunks(n: int, step: int):
 # --------------------------------------------------------------------------- column layout
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype means are summed in: float64 for float32 (the mean of values with |mean| >> std needs it)."""
+    return torch.float64 if dtype == torch.float32 else stat_dtype(dtype)
+
+
+def _split(mean_wide: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """``mean`` rounded to ``dtype`` and the remainder rounding lost (``None`` when nothing was lost)."""
+    mean = mean_wide.to(dtype)
+    return mean, None if mean_wide.dtype == dtype else (mean_wide - mean.to(mean_wide.dtype)).to(dtype)
+
+
 def column_mean_var(x3: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``x3`` (A, C, B) over A and B."""
     if _native.usable(x3):
         mean, var = _native.column_mean_var(x3)
         return mean.to(x3.dtype), var.to(x3.dtype)
+    mean_wide, var = _column_moments(x3)
+    return mean_wide.to(var.dtype), var
+
+
+def _column_moments(x3: Tensor) -> tuple[Tensor, Tensor]:
+    """Tensor-op ``(mean, var)`` of (A, C, B); the mean in the wide dtype, the variance in the statistics dtype."""
     a, c, b = x3.shape
     n = a * b
     sdt = stat_dtype(x3.dtype)
-    mean = x3.sum((0, 2), dtype=sdt) / n  # (C,)
+    mean = x3.sum((0, 2), dtype=_wide(x3.dtype)) / n  # (C,)
     m2 = torch.zeros(c, dtype=sdt, device=x3.device)
     step = _rows_per_chunk(x3)
     buf = torch.empty((step, c, b), dtype=sdt, device=x3.device)
-    centre = mean.view(1, c, 1)
+    hi, lo = _split(mean, sdt)
     for i, j in _chunks(a, step):
         d = buf[: j - i]
-        torch.sub(x3[i:j], centre, out=d)  # (a', C, B)
+        torch.sub(x3[i:j], hi.view(1, c, 1), out=d)  # (a', C, B)
+        if lo is not None:
+            d.sub_(lo.view(1, c, 1))
         if b >= 32:  # long contiguous rows: a norm kernel beats square + sum
             m2 += torch.linalg.vector_norm(d, dim=2).square_().sum(0)
         else:
@@ -116,6 +135,9 @@ def row_forward(
     """
     lead = x.shape[: x.dim() - red]
     keep = (*lead, *([1] * red))
+    if x.numel() == 0:  # no rows, or rows of nothing: statistics of nothing are mean 0, variance 0
+        zeros = torch.zeros(keep, dtype=stat_dtype(x.dtype), device=x.device)
+        return torch.empty_like(x), zeros, zeros.clone(), torch.full_like(zeros, eps).rsqrt_()
     layout = _native.row_layout(x, red, weight if weight is not None else bias)
     if layout is not None and _native.usable(x, weight, bias):
         y, mean, var, rstd = _native.row_forward(x, layout, centered, eps, weight, bias)
@@ -132,8 +154,11 @@ def row_forward(
     for i, j in _chunks(flat.shape[0], _rows_per_chunk(flat)):
         xc, yc = flat[i:j], yflat[i:j]
         if centered:
-            torch.sum(xc, -1, keepdim=True, dtype=sdt, out=mean[i:j]).div_(k)
-            torch.sub(xc, mean[i:j], out=yc)
+            hi, lo = _split(torch.sum(xc, -1, keepdim=True, dtype=_wide(x.dtype)).div_(k), sdt)
+            mean[i:j] = hi
+            torch.sub(xc, hi, out=yc)
+            if lo is not None:  # what rounding the mean to x's dtype lost (see _split)
+                yc.sub_(lo)
         else:
             yc.copy_(xc)
         torch.linalg.vector_norm(yc, dim=-1, keepdim=True, dtype=sdt, out=var[i:j])
@@ -167,6 +192,7 @@ def centred_affine(
     scales: tuple[Tensor | None, ...],
     shift: Tensor | None = None,
     addend: tuple[Tensor, Tensor] | None = None,
+    centre_lo: Tensor | None = None,
 ) -> Tensor:
     """``(x - centre) * scales[0] * scales[1] ... + addend[0] * addend[1] + shift`` in one sweep over ``x``.
 
@@ -184,6 +210,8 @@ def centred_affine(
             o.copy_(x[i:j])
         else:
             torch.sub(x[i:j], _rows(centre, i, j), out=o)
+            if centre_lo is not None:  # what rounding the centre to x's dtype lost (see _split)
+                o.sub_(_rows(centre_lo, i, j))
         for s in scales:
             if s is not None:
                 o.mul_(_rows(s, i, j))
@@ -195,14 +223,21 @@ def centred_affine(
 
 
 def column_forward(x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-    """BatchNorm forward on (A, C, B): ``(y3, mean, var, invstd)`` with per-channel (C,) statistics."""
+    """BatchNorm forward on (A, C, B): ``(y3, mean, var, invstd)`` with per-channel (C,) statistics.
+
+    An empty batch gives mean 0 and variance 0 (the statistics of nothing; callers do not use them).
+    """
+    if x3.numel() == 0:
+        zeros = torch.zeros(x3.shape[1], dtype=stat_dtype(x3.dtype), device=x3.device)
+        return torch.empty_like(x3), zeros, zeros.clone(), torch.full_like(zeros, eps).rsqrt_()
     if _native.usable(x3, weight, bias):
         return _native.column_forward(x3, weight, bias, eps)
-    mean, var = column_mean_var(x3)
+    mean_wide, var = _column_moments(x3)
+    mean, lo = _split(mean_wide, var.dtype)
     invstd = torch.rsqrt(var + eps)
     scale = invstd if weight is None else invstd * weight
     shift = bias if bias is not None else torch.zeros_like(scale)
-    return column_affine(x3, mean, scale, shift), mean, var, invstd
+    return column_affine(x3, mean, scale, shift, centre_lo=lo), mean, var, invstd
 
 
 def column_backward(
@@ -215,6 +250,14 @@ def column_backward(
     ``dweight = sum(g * xhat)``, ``dbias = sum(g)``.
     """
     need = (need[0], need[1] and weight is not None, need[2])
+    if x3.numel() == 0:  # an empty batch: empty input gradient, zero parameter gradients (sums of nothing)
+        c = x3.shape[1]
+        zeros = torch.zeros(c, dtype=x3.dtype, device=x3.device)
+        return (
+            torch.empty_like(x3) if need[0] else None,
+            zeros if need[1] else None,
+            zeros.clone() if need[2] else None,
+        )
     if _native.usable(g3, x3, mean, invstd, weight):
         return _native.column_backward(g3, x3, mean, invstd, weight, need)
     n = x3.shape[0] * x3.shape[2]
@@ -230,14 +273,21 @@ def column_backward(
 
 
 def column_affine(
-    x3: Tensor, centre: Tensor, kx: Tensor, shift: Tensor, g3: Tensor | None = None, kg: Tensor | None = None
+    x3: Tensor,
+    centre: Tensor,
+    kx: Tensor,
+    shift: Tensor,
+    g3: Tensor | None = None,
+    kg: Tensor | None = None,
+    *,
+    centre_lo: Tensor | None = None,
 ) -> Tensor:
     """``(x - centre) * kx + g * kg + shift`` on (A, C, B) tensors with per-channel (C,) coefficients.
 
     BatchNorm's output (``kx = weight * invstd``, ``shift = bias``) and its input
     gradient (see ``ColumnNorm.backward``) are both of this form.
     """
-    if _native.usable(x3, g3):
+    if _native.usable(x3, g3) and centre_lo is None:
         return _native.column_affine(x3, centre, kx, shift, g3, kg)
     c = x3.shape[1]
 
@@ -245,7 +295,8 @@ def column_affine(
         return t.view(1, c, 1).to(x3.dtype)
 
     addend = None if g3 is None else (g3, col(kg))
-    return centred_affine(x3, col(centre), (col(kx),), col(shift), addend)
+    lo = None if centre_lo is None else col(centre_lo)
+    return centred_affine(x3, col(centre), (col(kx),), col(shift), addend, centre_lo=lo)
 
 
 def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
@@ -273,6 +324,12 @@ def row_backward(
     """
     need_dw = weight is not None and need[1]
     need_db = bias is not None and need[2]
+    if x.numel() == 0:  # empty input gradient, zero parameter gradients (sums of nothing)
+        return (
+            torch.empty_like(x) if need[0] else None,
+            torch.zeros_like(weight) if need_dw else None,
+            torch.zeros_like(bias) if need_db else None,
+        )
     affine = weight if weight is not None else bias
     layout = _native.row_layout(x, red, affine)
     if layout is not None and _native.usable(gy, x, weight):

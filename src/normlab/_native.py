@@ -6,10 +6,15 @@ fused pass each, which is what it takes to match PyTorch's own kernels.
 
 The library is compiled on first use with the system C compiler (``$CC``,
 else ``cc``/``gcc``) into ``$NORMLAB_CACHE`` (default ``~/.cache/normlab``),
-keyed by the source, the flags and the machine, and written atomically so
-concurrent processes do not clash. If no compiler is found or the build fails,
-normlab warns once and uses the tensor-op path. ``NORMLAB_NATIVE=0`` turns the
-native path off.
+keyed by the source, the flags and the machine. The build goes to a fresh
+private folder, the result is loaded there to verify it, then copied into the
+cache with :func:`normlab._io.atomic_write` (so concurrent processes never see
+half a library) beside a ``.sha256`` file with its checksum. Every later load
+first checks the library against that checksum and rebuilds it on a mismatch
+(a truncated or corrupted file would otherwise crash the process when loaded);
+leftovers of a compile killed midway are removed. If no compiler is found or
+the build fails, normlab warns once and uses the tensor-op path.
+``NORMLAB_NATIVE=0`` turns the native path off.
 
 OpenMP: the library links the ``libgomp.so.1`` that PyTorch's CPU build has
 already loaded, so both share one thread pool; the thread count is
@@ -26,22 +31,43 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from normlab._io import atomic_write
+
 __all__: list[str] = []  # private module
 
-_SOURCE = Path(__file__).with_name("csrc") / "norm_kernels.c"
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCE = _CSRC / "norm_kernels.c"
+_SOURCES = (_SOURCE, _CSRC / "norm_kernels.inc")  # the .c includes the .inc: both key the build
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _MIN_PARALLEL = 1 << 15  # elements below which one thread is faster
+_STRAY_AGE = 600.0  # seconds after which a build leftover is taken as abandoned (a concurrent build is younger)
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 
 _i64, _dbl, _int, _ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_int, ctypes.c_void_p
+
+# argument types of each kernel (the same for _f32 and _f64); all but col_affine and row_fwd return a status
+_SIGNATURES = {
+    "col_stats": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _int],
+    "col_bwd_sums": [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int],
+    "col_affine": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
+    "col_forward": [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _dbl, _ptr, _ptr, _ptr, _int],
+    "col_backward": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
+    "ema_update": [_ptr, _ptr, _ptr, _ptr, _i64, _dbl, _dbl],
+    "row_fwd": [_ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _dbl, _int, _ptr, _ptr, _ptr, _int],
+    "row_bwd": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int, _ptr, _ptr, _int],
+}
+_VOID = ("col_affine", "row_fwd")
+NL_ENOMEM = 1  # the kernels' status for a failed allocation (csrc/norm_kernels.c)
+EMA_UPDATED, EMA_NONFINITE, EMA_OVERFLOW = 1, 0, 2  # ema_update's results
 
 
 def _cache_dir() -> Path:
@@ -63,93 +89,81 @@ def _compiler() -> str | None:
     return None
 
 
-def _build() -> ctypes.CDLL | None:
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _checksum_path(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
+def _verified(lib: Path) -> bool:
+    """True when ``lib`` exists and matches the checksum recorded beside it when it was built."""
+    try:
+        return _checksum_path(lib).read_text().strip() == _digest(lib.read_bytes())
+    except OSError:
+        return False
+
+
+def _remove_strays(folder: Path) -> None:
+    """Delete what a compile killed midway leaves: build folders and temporary files older than ``_STRAY_AGE``."""
+    now = time.time()
+    for p in folder.iterdir():
+        stray = p.name.startswith((".build-", "tmp")) or (p.name.startswith(".norm_kernels-") and p.suffix == ".tmp")
+        try:
+            if stray and now - p.lstat().st_mtime > _STRAY_AGE:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        except OSError:
+            pass  # another process removed it first
+
+
+def _load_symbols(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in _SIGNATURES.items():
+        for sfx in ("f32", "f64"):
+            fn = getattr(lib, f"{name}_{sfx}")
+            fn.argtypes = argtypes
+            fn.restype = None if name in _VOID else _int
+    return lib
+
+
+def _compile(cc: str, out: Path) -> None:
+    """Compile into a private folder, load the result there to verify it, then publish it atomically."""
+    build = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
+    try:
+        tmp = build / out.name
+        try:
+            subprocess.run(
+                [cc, *_FLAGS, "-o", str(tmp), str(_SOURCE), "-lm"], check=True, capture_output=True, text=True
+            )
+        except subprocess.CalledProcessError as e:
+            raise RuntimeError(f"{cc} failed: {e.stderr.strip()[:500]}") from None
+        _load_symbols(tmp)  # a library that does not load or lacks a kernel is never published
+        data = tmp.read_bytes()
+        atomic_write(out, data)
+        atomic_write(_checksum_path(out), _digest(data) + "\n")
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def _build() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC or install gcc)")
-    src = _SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in _SOURCES)
     key = hashlib.sha256(src + " ".join([cc, *_FLAGS]).encode() + _cpu_key().encode()).hexdigest()[:16]
     out = _cache_dir() / f"norm_kernels-{key}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        try:
-            subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], check=True, capture_output=True, text=True)
-            os.replace(tmp, out)
-        except subprocess.CalledProcessError as e:
-            raise RuntimeError(f"{cc} failed: {e.stderr.strip()[:500]}") from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(out))
-    for sfx in ("f32", "f64"):
-        getattr(lib, f"col_stats_{sfx}").argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _int]
-        getattr(lib, f"col_bwd_sums_{sfx}").argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int]
-        getattr(lib, f"col_affine_{sfx}").argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _int]
-        getattr(lib, f"ema_update_{sfx}").argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _dbl, _dbl]
-        getattr(lib, f"ema_update_{sfx}").restype = _int
-        getattr(lib, f"col_forward_{sfx}").argtypes = [
-            _ptr,
-            _ptr,
-            _i64,
-            _i64,
-            _i64,
-            _ptr,
-            _ptr,
-            _dbl,
-            _ptr,
-            _ptr,
-            _ptr,
-            _int,
-        ]
-        getattr(lib, f"col_backward_{sfx}").argtypes = [
-            _ptr,
-            _ptr,
-            _ptr,
-            _i64,
-            _i64,
-            _i64,
-            _ptr,
-            _ptr,
-            _ptr,
-            _ptr,
-            _ptr,
-            _int,
-        ]
-        getattr(lib, f"row_fwd_{sfx}").argtypes = [
-            _ptr,
-            _ptr,
-            _i64,
-            _i64,
-            _i64,
-            _i64,
-            _ptr,
-            _ptr,
-            _dbl,
-            _int,
-            _ptr,
-            _ptr,
-            _ptr,
-            _int,
-        ]
-        getattr(lib, f"row_bwd_{sfx}").argtypes = [
-            _ptr,
-            _ptr,
-            _ptr,
-            _i64,
-            _i64,
-            _i64,
-            _i64,
-            _ptr,
-            _ptr,
-            _ptr,
-            _int,
-            _ptr,
-            _ptr,
-            _int,
-        ]
-    return lib
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_strays(out.parent)
+    if not _verified(out):  # missing, truncated, corrupted, or built by a version that kept no checksum
+        _compile(cc, out)
+    try:
+        return _load_symbols(out)
+    except (OSError, AttributeError) as e:
+        raise RuntimeError(
+            f"could not load the compiled kernels {out} ({e}); delete {out} and {_checksum_path(out)} "
+            "and normlab rebuilds them"
+        ) from None
 
 
 def library() -> ctypes.CDLL | None:
@@ -192,8 +206,18 @@ def usable(*tensors: Tensor | None) -> bool:
     return library() is not None
 
 
-def _sfx(t: Tensor) -> str:
-    return "f32" if t.dtype == torch.float32 else "f64"
+def _fn(name: str, t: Tensor):
+    """The kernel ``name`` for ``t``'s dtype (float32 or float64)."""
+    return getattr(_lib, f"{name}_{'f32' if t.dtype == torch.float32 else 'f64'}")
+
+
+def _check(status: int, name: str, *tensors: Tensor) -> None:
+    if status == NL_ENOMEM:
+        size = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        raise MemoryError(
+            f"normlab: the native kernel {name} could not allocate its scratch memory (working on {size} bytes of "
+            "tensors); free memory, use smaller batches, or set NORMLAB_NATIVE=0 to use the tensor-op path"
+        )
 
 
 def _nt(n: int) -> int:
@@ -208,7 +232,7 @@ def column_mean_var(x3: Tensor) -> tuple[Tensor, Tensor]:
     a, c, b = x3.shape
     mean = torch.empty(c, dtype=torch.float64)
     var = torch.empty(c, dtype=torch.float64)
-    getattr(_lib, f"col_stats_{_sfx(x3)}")(_p(x3), a, c, b, _p(mean), _p(var), _nt(x3.numel()))
+    _check(_fn("col_stats", x3)(_p(x3), a, c, b, _p(mean), _p(var), _nt(x3.numel())), "col_stats", x3)
     return mean, var
 
 
@@ -217,7 +241,8 @@ def column_sums_for_backward(g3: Tensor, x3: Tensor, mean: Tensor) -> tuple[Tens
     m = mean.to(torch.float64).contiguous()
     sg = torch.empty(c, dtype=torch.float64)
     sgc = torch.empty(c, dtype=torch.float64)
-    getattr(_lib, f"col_bwd_sums_{_sfx(x3)}")(_p(g3), _p(x3), a, c, b, _p(m), _p(sg), _p(sgc), _nt(x3.numel()))
+    status = _fn("col_bwd_sums", x3)(_p(g3), _p(x3), a, c, b, _p(m), _p(sg), _p(sgc), _nt(x3.numel()))
+    _check(status, "col_bwd_sums", g3, x3)
     return sg, sgc
 
 
@@ -229,8 +254,8 @@ def column_affine(
     dt = x3.dtype
     vec = [t.to(dt).contiguous() for t in (centre, kx, shift)] + [None if kg is None else kg.to(dt).contiguous()]
     out = torch.empty_like(x3)
-    getattr(_lib, f"col_affine_{_sfx(x3)}")(
-        _p(x3), _p(g3), _p(out), a, c, b, _p(vec[0]), _p(vec[1]), _p(vec[3]), _p(vec[2]), _nt(x3.numel())
+    _fn("col_affine", x3)(
+        _p(x3), _p(g3), _p(out), a, c, b, _p(vec[0]), None, _p(vec[1]), _p(vec[3]), _p(vec[2]), _nt(x3.numel())
     )
     return out
 
@@ -278,21 +303,24 @@ def row_layout(x: Tensor, red: int, weight: Tensor | None) -> tuple[int, int, in
     return r, k, g, l
 
 
-def ema_update(running_mean, running_var, mean: Tensor, var: Tensor, weight: float, var_scale: float) -> bool:
-    """Blend batch statistics into running buffers in place; False (and no change) when not finite."""
-    return bool(
-        getattr(_lib, f"ema_update_{_sfx(mean)}")(
-            _p(running_mean), _p(running_var), _p(mean), _p(var), mean.numel(), float(weight), float(var_scale)
-        )
+def ema_update(running_mean, running_var, mean: Tensor, var: Tensor, weight: float, var_scale: float) -> int:
+    """Blend batch statistics into running buffers in place.
+
+    Returns ``EMA_UPDATED``, or changes nothing and returns ``EMA_NONFINITE`` (a batch mean is not
+    finite: the input had a NaN or an infinity) or ``EMA_OVERFLOW`` (finite input whose variance
+    does not fit the dtype).
+    """
+    return _fn("ema_update", mean)(
+        _p(running_mean), _p(running_var), _p(mean), _p(var), mean.numel(), float(weight), float(var_scale)
     )
 
 
 def column_forward(x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
     """BatchNorm forward on (A, C, B): ``(y3, mean, var, invstd)``, statistics in ``x3``'s dtype."""
     a, c, b = x3.shape
-    stats = torch.empty((3, c), dtype=x3.dtype)
+    stats = [torch.empty(c, dtype=x3.dtype) for _ in range(3)]  # separate tensors: operator outputs never alias
     y3 = torch.empty_like(x3)
-    getattr(_lib, f"col_forward_{_sfx(x3)}")(
+    status = _fn("col_forward", x3)(
         _p(x3),
         _p(y3),
         a,
@@ -306,6 +334,7 @@ def column_forward(x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: 
         _p(stats[2]),
         _nt(x3.numel()),
     )
+    _check(status, "col_forward", x3)
     return y3, stats[0], stats[1], stats[2]
 
 
@@ -317,18 +346,19 @@ def column_backward(
     dx = torch.empty_like(x3) if need[0] else None
     dw = torch.empty(c, dtype=x3.dtype) if need[1] else None
     db = torch.empty(c, dtype=x3.dtype) if need[2] else None
-    getattr(_lib, f"col_backward_{_sfx(x3)}")(
+    status = _fn("col_backward", x3)(
         _p(g3), _p(x3), _p(dx), a, c, b, _p(mean), _p(invstd), _p(weight), _p(dw), _p(db), _nt(x3.numel())
     )
+    _check(status, "col_backward", g3, x3)
     return dx, dw, db
 
 
 def row_forward(x: Tensor, layout, centered: bool, eps: float, weight: Tensor | None, bias: Tensor | None):
     """Row norm forward: ``(y, mean, var, rstd)``, per-row statistics (R,) in ``x``'s dtype."""
     r, k, g, l = layout
-    stats = torch.empty((3, r), dtype=x.dtype)
+    stats = [torch.empty(r, dtype=x.dtype) for _ in range(3)]  # separate tensors: operator outputs never alias
     y = torch.empty_like(x)
-    getattr(_lib, f"row_fwd_{_sfx(x)}")(
+    _fn("row_fwd", x)(
         _p(x),
         _p(y),
         r,
@@ -361,10 +391,10 @@ def row_backward(
     """Row norm backward: ``dx`` and flat ``dweight``/``dbias`` (G * S,) in ``x``'s dtype."""
     r, k, g, l = layout
     dx = torch.empty_like(x) if need_dx else None
-    p = g * (k // l)
+    p = g * (k // l) if l else 0
     dw = torch.empty(p, dtype=x.dtype) if need_params else None
     db = torch.empty(p, dtype=x.dtype) if need_params else None
-    getattr(_lib, f"row_bwd_{_sfx(x)}")(
+    status = _fn("row_bwd", x)(
         _p(g_),
         _p(x),
         _p(dx),
@@ -380,4 +410,5 @@ def row_backward(
         _p(db),
         _nt(x.numel()),
     )
+    _check(status, "row_bwd", g_, x)
     return dx, dw, db

@@ -26,14 +26,14 @@ statistics are not finite leaves the running buffers untouched.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from normlab import _native
-from normlab.autograd import ColumnNorm, RowNorm
+from normlab import _ops
+from normlab._ops import ema_weight
 
 __all__ = [
     "batch_norm",
@@ -46,6 +46,8 @@ __all__ = [
     "update_running_stats",
     "ema_weight",
     "convert_momentum",
+    "check_eps",
+    "check_mask",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -67,6 +69,61 @@ def _axis(dim: int, ndim: int, who: str) -> int:
     return dim % ndim
 
 
+def check_eps(eps: float, who: str) -> float:
+    """``eps`` must be a positive finite number (it keeps ``1 / sqrt(var + eps)`` finite on constant input)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0.0 < eps < math.inf):
+        raise ValueError(
+            f"{who}: eps must be a positive finite number (it keeps 1/sqrt(var + eps) finite on constant input), "
+            f"got {eps!r}; the usual value is 1e-5"
+        )
+    return float(eps)
+
+
+def _under_functorch() -> bool:
+    """True inside a ``torch.func`` transform (vmap, grad, jvp, jacrev, hessian, ...).
+
+    The ``normlab::`` operators are opaque to the transforms (no forward-mode
+    derivative, no batching rule), so under a transform the same formulas run in
+    differentiable tensor ops (:func:`_composite_norm`).
+    """
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
+def _composite_norm(x: Tensor, dims: tuple[int, ...], eps: float, centered: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(xhat, mean, biased var)`` over ``dims`` in differentiable tensor ops (two-pass: centre, then square)."""
+    mean = x.mean(dims, keepdim=True) if centered else torch.zeros((), dtype=x.dtype, device=x.device)
+    xc = x - mean if centered else x
+    var = (xc * xc).mean(dims, keepdim=True)
+    return xc * torch.rsqrt(var + eps), mean, var
+
+
+def check_mask(mask: Tensor, input: Tensor, dim: int, who: str = "batch_norm") -> Tensor:
+    """Validate a BatchNorm ``mask`` and return it as a bool tensor.
+
+    ``mask`` has the input's shape without the feature axis ``dim``; it is
+    boolean, or numbers that are all 0 or 1 (any other value would silently
+    weight positions in the statistics). The value check reads the mask, so it
+    is skipped while ``torch.compile`` traces.
+    """
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{who}: mask must be a bool tensor, got {type(mask).__name__}")
+    expect = input.shape[:dim] + input.shape[dim + 1 :]
+    if mask.shape != expect:
+        raise ValueError(
+            f"{who}: mask has shape {tuple(mask.shape)}, expected {tuple(expect)} "
+            f"(the input's shape {tuple(input.shape)} without the feature axis {dim})"
+        )
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex() or not torch.compiler.is_compiling() and not ((mask == 0) | (mask == 1)).all():
+        bad = mask[(mask != 0) & (mask != 1)].flatten()[:3].tolist()
+        raise ValueError(
+            f"{who}: mask must be boolean (True = a real position) or hold only 0 and 1, but it holds {bad} "
+            f"({mask.dtype}); pass mask.bool() if non-zero means real, or fix how the mask is built"
+        )
+    return mask.bool()
+
+
 # --------------------------------------------------------------------------- batch norm
 
 
@@ -78,14 +135,13 @@ def _column_view(x: Tensor, dim: int):
     """
     shape = x.shape
     c = shape[dim]
+    a, b = math.prod(shape[:dim]), math.prod(shape[dim + 1 :])
     if x.is_contiguous():
-        a = math.prod(shape[:dim])
-        return x.view(a, c, -1), lambda y3: y3.view(shape)
+        return x.view(a, c, b), lambda y3: y3.view(shape)
     last = x.movedim(dim, -1)  # channels-last memory is contiguous once C is moved last
     if last.is_contiguous():
-        return last.reshape(-1, c, 1), lambda y3: y3.view(last.shape).movedim(-1, dim)
-    xc = x.contiguous()
-    return xc.view(math.prod(shape[:dim]), c, -1), lambda y3: y3.view(shape)
+        return last.reshape(a * b, c, 1), lambda y3: y3.view(last.shape).movedim(-1, dim)
+    return x.contiguous().view(a, c, b), lambda y3: y3.view(shape)
 
 
 def moments(x: Tensor, dims: Sequence[int], *, unbiased: bool = False) -> tuple[Tensor, Tensor]:
@@ -99,48 +155,14 @@ def moments(x: Tensor, dims: Sequence[int], *, unbiased: bool = False) -> tuple[
     with torch.no_grad():
         perm = x.permute(*keep, *dims).contiguous()
         rows = perm.reshape(1, math.prod(perm.shape[: len(keep)]), -1)
-        mean, var = ColumnNorm.apply(rows, None, None, 0.0)[1:]
+        if x.dtype in _HALF:
+            rows = rows.float()
+        mean, var = _ops.batch_norm_forward(rows, None, None, 0.0)[1:3]
         n = rows.shape[2]
     if unbiased:
         var = var * (n / max(n - 1, 1))
     out_shape = [x.shape[d] for d in keep]
     return mean.view(out_shape), var.view(out_shape)
-
-
-def ema_weight(
-    momentum: float | None,
-    step: Tensor | int,
-    *,
-    convention: str = "torch",
-    debias: bool = False,
-) -> Tensor | float:
-    """The weight ``m`` of the new batch in ``running = (1 - m) * running + m * batch``.
-
-    * ``convention="torch"``: ``momentum`` is that weight (PyTorch, default 0.1);
-      ``None`` gives the cumulative average ``m = 1 / step``.
-    * ``convention="decay"``: ``momentum`` is the decay of the old value
-      (Keras/Flax, e.g. 0.99), so ``m = 1 - momentum``.
-    * ``debias=True``: Adam-style zero-debiasing, ``m_t = m / (1 - (1 - m)^t)``:
-      the buffers then hold the bias-corrected average of an EMA started at zero
-      (the first batch is taken whole).
-
-    ``step`` counts the batches seen including this one (``num_batches_tracked``).
-    """
-    if momentum is None:
-        if convention != "torch":
-            raise ValueError("momentum=None (cumulative average) is only meaningful with convention='torch'")
-        return 1.0 / step
-    if convention == "torch":
-        m = momentum
-    elif convention == "decay":
-        m = 1.0 - momentum
-    else:
-        raise ValueError(f"unknown momentum convention {convention!r}; choose 'torch' or 'decay'")
-    if not 0.0 <= m <= 1.0:
-        raise ValueError(f"momentum {momentum} gives a new-batch weight {m} outside [0, 1] ({convention} convention)")
-    if debias:
-        return m / (1.0 - (1.0 - m) ** step)
-    return m
 
 
 def convert_momentum(value: float, *, to: str) -> float:
@@ -152,64 +174,39 @@ def convert_momentum(value: float, *, to: str) -> float:
     return 1.0 - value
 
 
-_warned_nonfinite = False
-
-
 def update_running_stats(
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
     mean: Tensor,
     var: Tensor,
     count: int | Tensor,
-    weight: float | Tensor,
+    weight: float | None,
     *,
     unbiased: bool = True,
+    num_batches_tracked: Tensor | None = None,
+    num_nonfinite_batches: Tensor | None = None,
+    who: str = "update_running_stats",
 ) -> Tensor:
-    """Blend batch statistics into running buffers in place; returns whether the batch was finite.
+    """Blend batch statistics into running buffers in place; returns whether the batch was used (a bool tensor).
 
-    ``var`` is the biased batch variance over ``count`` values per feature; the
-    buffer stores the unbiased one when ``unbiased`` (PyTorch). A batch whose
-    mean or variance is not finite leaves the buffers untouched. On the CPU
-    (plain numbers for ``count`` and ``weight``) this is one compiled call and
-    the result a Python bool; elsewhere it avoids any host sync (the choice is
-    made with ``torch.where``) and the result is a bool tensor.
+    ``running = (1 - weight) * running + weight * batch``; ``weight=None`` is the
+    cumulative average over ``num_batches_tracked`` batches. ``var`` is the biased
+    batch variance over ``count`` values per feature; the buffer stores the
+    unbiased one when ``unbiased`` (PyTorch). A batch whose statistics are not
+    finite leaves the buffers untouched, is counted in ``num_nonfinite_batches``
+    and warned about once (on the CPU). ``num_batches_tracked`` (if given) counts
+    the batches used. One call of the ``normlab::update_running_stats_`` operator.
     """
-    if (
-        not isinstance(weight, Tensor)
-        and not isinstance(count, Tensor)
-        and _native.usable(mean.detach(), var.detach(), running_mean, running_var)
-    ):
-        scale = count / (count - 1) if unbiased and count > 1 else 1.0
-        return _native.ema_update(running_mean, running_var, mean.detach(), var.detach(), weight, scale)
-    with torch.no_grad():
-        mean = mean.detach()
-        var = var.detach()
-        if unbiased:
-            var = (
-                var * (count / (count - 1)) if not isinstance(count, Tensor) else var * count / (count - 1).clamp(min=1)
-            )
-        finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
-        if running_mean is not None:
-            new = running_mean * (1 - weight) + mean.to(running_mean.dtype) * weight
-            running_mean.copy_(torch.where(finite, new, running_mean))
-        if running_var is not None:
-            new = running_var * (1 - weight) + var.to(running_var.dtype) * weight
-            running_var.copy_(torch.where(finite, new, running_var))
-    return finite
-
-
-def warn_nonfinite(where: str) -> None:
-    """Warn (once per process) that a non-finite batch was kept out of running statistics."""
-    global _warned_nonfinite
-    if not _warned_nonfinite:
-        _warned_nonfinite = True
-        warnings.warn(
-            f"{where}: a batch with non-finite values was not used to update the running statistics "
-            "(the update was skipped and counted in `num_nonfinite_batches`); check the input or the loss "
-            "scale — further skips are counted silently",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    device = running_mean.device
+    nbt = num_batches_tracked if num_batches_tracked is not None else torch.zeros((), dtype=torch.long, device=device)
+    skipped = (
+        num_nonfinite_batches if num_nonfinite_batches is not None else torch.zeros((), dtype=torch.long, device=device)
+    )
+    before = skipped.clone()
+    _ops.update_running_stats(
+        running_mean, running_var, nbt, skipped, mean.detach(), var.detach(), count, weight, False, False, unbiased, who
+    )
+    return skipped == before
 
 
 def _affine_view(t: Tensor | None, c: int, dim: int, ndim: int) -> Tensor | None:
@@ -247,6 +244,7 @@ def batch_norm(
     padded positions out of the statistics.
     """
     _check_floating(input, "batch_norm")
+    check_eps(eps, "batch_norm")
     dim = _axis(feature_dim, input.dim(), "batch_norm")
     if input.dim() < 2:
         raise ValueError(
@@ -264,21 +262,33 @@ def batch_norm(
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError("batch_norm: eval mode needs running_mean and running_var (or pass training=True)")
-        scale = torch.rsqrt(running_var + eps)
-        if weight is not None:
-            scale = scale * weight
-        shift = -running_mean * scale
-        if bias is not None:
-            shift = shift + bias
-        nd = input.dim()
-        return torch.addcmul(
-            _affine_view(shift, c, dim, nd).to(input.dtype), input, _affine_view(scale, c, dim, nd).to(input.dtype)
-        )
+        if dim == 1 and torch.onnx.is_in_onnx_export():  # the standard BatchNormalization node
+            return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+        return _batch_norm_eval(input, running_mean, running_var, weight, bias, eps, dim)
 
     y, mean, var, count = batch_norm_train(input, weight, bias, eps, feature_dim=dim, mask=mask)
-    if running_mean is not None or running_var is not None:
-        update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    if running_mean is not None and running_var is not None and not _under_functorch():
+        update_running_stats(running_mean, running_var, mean, var, count, momentum, who="batch_norm")
     return y
+
+
+def _batch_norm_eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight, bias, eps: float, dim: int):
+    """``(x - running_mean) * (weight / sqrt(running_var + eps)) + bias`` in differentiable tensor ops.
+
+    The mean is subtracted first (folding it into the shift, ``x * s - mean * s``, loses ``|mean| / std``
+    ulps), and half-precision inputs are computed in float32 and rounded once.
+    """
+    dt = torch.float32 if x.dtype in _HALF else x.dtype
+    c, nd = x.shape[dim], x.dim()
+    scale = torch.rsqrt(running_var.to(dt) + eps)
+    if weight is not None:
+        scale = scale * weight.to(dt)
+    xc = x.to(dt) - _affine_view(running_mean.to(dt), c, dim, nd)
+    if bias is None:
+        y = xc * _affine_view(scale, c, dim, nd)
+    else:
+        y = torch.addcmul(_affine_view(bias.to(dt), c, dim, nd), xc, _affine_view(scale, c, dim, nd))
+    return y.to(x.dtype)
 
 
 def batch_norm_train(
@@ -293,15 +303,17 @@ def batch_norm_train(
     """Training-mode BatchNorm without buffers: ``(y, mean, biased var, count)``.
 
     The building block of every BN layer: the caller decides what to do with the
-    statistics (EMA, cumulative, recalibration, synchronisation).
+    statistics (EMA, cumulative, recalibration, synchronisation). An empty batch
+    (no values per feature) gives an empty output and ``count`` 0, as
+    ``torch.nn`` returns an empty output; one value per feature is an error.
     """
     _check_floating(input, "batch_norm")
     dim = _axis(feature_dim, input.dim(), "batch_norm")
     c = input.shape[dim]
     if mask is not None:
-        return _masked_batch_norm(input, mask, dim, weight, bias, eps)
+        return _masked_batch_norm(input, check_mask(mask, input, dim), dim, weight, bias, eps)
     n = input.numel() // max(c, 1)
-    if n <= 1:
+    if n == 1:
         raise ValueError(
             f"batch_norm: expected more than 1 value per feature in training, got input shape {tuple(input.shape)}; "
             "use a batch of at least 2, switch the layer to eval(), "
@@ -315,8 +327,13 @@ def _batch_norm_train(x: Tensor, dim: int, weight, bias, eps: float):
     if x.dtype in _HALF:  # accumulate and normalise in float32, return the input's dtype
         y, mean, var = _batch_norm_train(x.float(), dim, _f32(weight), _f32(bias), eps)
         return y.to(x.dtype), mean, var
+    if _under_functorch():
+        xhat, mean, var = _composite_norm(x, tuple(d for d in range(x.dim()) if d != dim), eps, True)
+        c = x.shape[dim]
+        y = _affine(xhat, _affine_view(weight, c, dim, x.dim()), _affine_view(bias, c, dim, x.dim()))
+        return y, mean.detach().reshape(c), var.detach().reshape(c)
     x3, back = _column_view(x, dim)
-    y3, mean, var = ColumnNorm.apply(x3, weight, bias, eps)
+    y3, mean, var, _ = _ops.batch_norm_forward(x3, weight, bias, eps)
     return back(y3), mean, var
 
 
@@ -324,28 +341,27 @@ def _f32(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.float()
 
 
+def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
 def _masked_batch_norm(x: Tensor, mask: Tensor, dim: int, weight, bias, eps: float):
     """Masked statistics in plain differentiable ops (autograd provides the backward)."""
-    expect = x.shape[:dim] + x.shape[dim + 1 :]
-    if mask.shape != expect:
-        raise ValueError(
-            f"batch_norm: mask has shape {tuple(mask.shape)}, expected {tuple(expect)} "
-            f"(the input's shape {tuple(x.shape)} without the feature axis {dim})"
-        )
     m = mask.to(x.dtype).unsqueeze(dim)
     dims = tuple(d for d in range(x.dim()) if d != dim)
     count = m.sum(dims)  # scalar count, the same for every feature
-    if float(count) <= 1:
-        raise ValueError(f"batch_norm: the mask leaves {int(count)} valid position(s); need more than 1 in training")
-    mean = (x * m).sum(dims, keepdim=True) / count
+    if not torch.compiler.is_compiling() and float(count) == 1:
+        raise ValueError("batch_norm: the mask leaves 1 valid position; need more than 1 in training (or none)")
+    mean = (x * m).sum(dims, keepdim=True) / count.clamp(min=1)
     xc = (x - mean) * m
-    var = (xc * xc).sum(dims, keepdim=True) / count
+    var = (xc * xc).sum(dims, keepdim=True) / count.clamp(min=1)
     c = x.shape[dim]
-    y = (x - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        y = y * _affine_view(weight, c, dim, x.dim())
-    if bias is not None:
-        y = y + _affine_view(bias, c, dim, x.dim())
+    nd = x.dim()
+    y = _affine((x - mean) * torch.rsqrt(var + eps), _affine_view(weight, c, dim, nd), _affine_view(bias, c, dim, nd))
     return y, mean.detach().view(c), var.detach().view(c), count.detach()
 
 
@@ -360,7 +376,13 @@ def _row_norm(x: Tensor, view: Sequence[int], red: int, weight, bias, eps: float
     if x.dtype in _HALF:
         y, mean, var = _row_norm(x.float(), view, red, _f32(weight), _f32(bias), eps, centered)
         return y.to(x.dtype), mean, var
-    y, mean, var = RowNorm.apply(x.reshape(view), weight, bias, eps, red, centered)
+    xv = x.reshape(view)
+    if _under_functorch():
+        xhat, mean, var = _composite_norm(xv, tuple(range(xv.dim() - red, xv.dim())), eps, centered)
+        if not centered:
+            mean = torch.zeros_like(var)
+        return _affine(xhat, weight, bias).view(x.shape), mean.detach(), var.detach()
+    y, mean, var, _ = _ops.row_norm_forward(xv.contiguous(), weight, bias, eps, red, centered)
     return y.view(x.shape), mean, var
 
 
@@ -393,9 +415,12 @@ def layer_norm(
     ``normalized_shape`` dims; ``weight``/``bias`` have that shape.
     """
     _check_floating(input, "layer_norm")
+    check_eps(eps, "layer_norm")
     ns = _check_normalized_shape(input, normalized_shape, "layer_norm")
     _check_affine_shape(weight, ns, "weight", "layer_norm")
     _check_affine_shape(bias, ns, "bias", "layer_norm")
+    if torch.onnx.is_in_onnx_export():  # the standard LayerNormalization node
+        return F.layer_norm(input, ns, weight, bias, eps)
     lead = input.numel() // max(math.prod(ns), 1)
     w = None if weight is None else weight.view(1, *ns)
     b = None if bias is None else bias.view(1, *ns)
@@ -415,8 +440,9 @@ def rms_norm(
     _check_floating(input, "rms_norm")
     ns = _check_normalized_shape(input, normalized_shape, "rms_norm")
     _check_affine_shape(weight, ns, "weight", "rms_norm")
-    if eps is None:
-        eps = torch.finfo(input.dtype).eps
+    eps = torch.finfo(input.dtype).eps if eps is None else check_eps(eps, "rms_norm")
+    if torch.onnx.is_in_onnx_export():  # the standard RMSNormalization node (opset 23)
+        return F.rms_norm(input, ns, weight, eps)
     lead = input.numel() // max(math.prod(ns), 1)
     w = None if weight is None else weight.view(1, *ns)
     return _row_norm(input, (lead, *ns), len(ns), w, None, eps, False)[0]
@@ -439,6 +465,7 @@ def group_norm(
     group; with one group, RMSNorm for channel-first feature maps).
     """
     _check_floating(input, "group_norm")
+    check_eps(eps, "group_norm")
     if input.dim() < 2:
         raise ValueError(f"group_norm: expected input (N, C, *), got shape {tuple(input.shape)}")
     n, c = input.shape[:2]
@@ -449,11 +476,23 @@ def group_norm(
         )
     _check_affine_shape(weight, (c,), "weight", "group_norm")
     _check_affine_shape(bias, (c,), "bias", "group_norm")
+    if centered and torch.onnx.is_in_onnx_export():  # the standard GroupNormalization node
+        return F.group_norm(input, num_groups, weight, bias, eps)
     cg = c // num_groups
-    spatial = input.numel() // max(n * c, 1)
+    spatial = math.prod(input.shape[2:])
     w = None if weight is None else weight.view(1, num_groups, cg, 1)
     b = None if bias is None else bias.view(1, num_groups, cg, 1)
-    return _row_norm(input, (n, num_groups, cg, spatial), 2, w, b, eps, centered)[0]
+    y = _row_norm(input, (n, num_groups, cg, spatial), 2, w, b, eps, centered)[0]
+    return _like_layout(y, input)
+
+
+def _like_layout(y: Tensor, input: Tensor) -> Tensor:
+    """``y`` in ``input``'s memory format: a channels-last input gives a channels-last output, as torch.nn's."""
+    if input.dim() in (4, 5) and not input.is_contiguous():
+        fmt = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
+        if input.is_contiguous(memory_format=fmt):
+            return y.contiguous(memory_format=fmt)
+    return y
 
 
 def instance_norm(
@@ -463,8 +502,11 @@ def instance_norm(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     use_input_stats: bool = True,
-    momentum: float | Tensor = 0.1,
+    momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    num_nonfinite_batches: Tensor | None = None,
+    who: str = "instance_norm",
 ) -> Tensor:
     """Instance normalisation, as :func:`torch.nn.functional.instance_norm`.
 
@@ -472,8 +514,12 @@ def instance_norm(
     positions. With buffers and ``use_input_stats`` the running statistics
     receive the batch average of the per-instance mean and unbiased variance
     (PyTorch's convention); without ``use_input_stats`` they are used instead.
+    A batch with non-finite statistics leaves the buffers untouched and is
+    counted in ``num_nonfinite_batches`` (if given) and warned about once; an
+    empty batch or an empty spatial axis gives an empty output and no update.
     """
     _check_floating(input, "instance_norm")
+    check_eps(eps, "instance_norm")
     if input.dim() < 3:
         raise ValueError(
             f"instance_norm: expected input (N, C, L, ...) with spatial dims, got shape {tuple(input.shape)}"
@@ -481,16 +527,26 @@ def instance_norm(
     n, c = input.shape[:2]
     if not use_input_stats:
         return batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
-    spatial = input.numel() // max(n * c, 1)
-    if spatial <= 1:
+    spatial = math.prod(input.shape[2:])
+    if spatial == 1:
         raise ValueError(
             f"instance_norm: expected more than 1 spatial element per channel, got input shape {tuple(input.shape)}"
         )
     w = None if weight is None else weight.view(1, c, 1)
     b = None if bias is None else bias.view(1, c, 1)
     y, mean, var = _row_norm(input, (n, c, spatial), 1, w, b, eps, True)
-    if running_mean is not None or running_var is not None:
+    if running_mean is not None and running_var is not None and y.numel() and not _under_functorch():
         mean = mean.view(n, c).mean(0)
         var = (var.view(n, c) * (spatial / (spatial - 1))).mean(0)
-        update_running_stats(running_mean, running_var, mean, var, spatial, momentum, unbiased=False)
+        update_running_stats(
+            running_mean,
+            running_var,
+            mean,
+            var,
+            spatial,
+            momentum,
+            unbiased=False,
+            num_nonfinite_batches=num_nonfinite_batches,
+            who=who,
+        )
     return y

@@ -27,6 +27,7 @@ as before) and switched back afterwards.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab import functional as NF
+from normlab._feed import feed
 from normlab.convert import convert
 from normlab.functional import _column_view
 from normlab.layers.batchnorm import _BatchNormBase
@@ -167,21 +169,6 @@ def _measuring(
             m.training = training
 
 
-def _default_forward(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Tensor):
-        return model(batch)
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        if len(batch) == 3 and isinstance(batch[2], Tensor) and batch[2].dtype == torch.bool:
-            return model(batch[0], mask=batch[2])  # (x, y, mask) as normlab.lab.data.Batches yields
-        return model(batch[0])  # (x, y)
-    raise TypeError(
-        f"recalibrate: cannot feed a batch of type {type(batch).__name__} to the model; "
-        "pass forward=lambda model, batch: model(...) to say how"
-    )
-
-
 def recalibrate(
     model: nn.Module,
     batches: Iterable[Any],
@@ -211,7 +198,7 @@ def recalibrate(
             ``(x, y, mask)`` (called as ``model(x, mask=mask)``), a dict of
             keyword arguments, or anything ``forward`` understands. Put them on
             the model's device.
-        num_batches: how many batches to use; an error if there are fewer.
+        num_batches: at most this many batches (all when None); fewer is a warning, not an error.
         forward: ``forward(model, batch)`` runs the model on one batch.
         others: mode of the modules that are not recalibrated during the
             passes: ``"eval"`` (default: dropout off, the statistics the
@@ -234,7 +221,7 @@ def recalibrate(
         raise ValueError(
             "recalibrate: the model has no (unfrozen) BatchNorm layer with running statistics; nothing to recalibrate"
         )
-    run = forward or _default_forward
+    run = forward or functools.partial(feed, who="recalibrate")
     seen = 0
     with _measuring(model, targets, split_ghost=True, mode=others) as collector, torch.no_grad():
         for batch in batches:
@@ -245,9 +232,11 @@ def recalibrate(
     if seen == 0:
         raise ValueError("recalibrate: `batches` yielded no batch; pass an iterable of model inputs")
     if num_batches is not None and seen < num_batches:
-        raise ValueError(
+        warnings.warn(
             f"recalibrate: the batches ran out after {seen} of num_batches={num_batches}; "
-            "pass a smaller num_batches or more batches"
+            f"the statistics are those of the {seen} batches there were",
+            UserWarning,
+            stacklevel=2,
         )
     names = {m: n for n, m in model.named_modules()}
     for m in targets:
@@ -332,10 +321,18 @@ def _apply_update(m: nn.Module, mean: Tensor, var: Tensor, count: Tensor) -> Non
     if isinstance(m, _BatchNormBase):
         m._update(mean, var, count)
         return
-    with torch.no_grad():  # torch.nn's rule: momentum, or the cumulative average 1 / num_batches_tracked
-        m.num_batches_tracked.add_(1)
-        factor = m.momentum if m.momentum is not None else 1.0 / float(m.num_batches_tracked)
-        NF.update_running_stats(m.running_mean, m.running_var, mean, var, count, factor)
+    # torch.nn's rule (momentum, or the cumulative average over num_batches_tracked), with normlab's guard:
+    # a non-finite batch changes nothing, num_batches_tracked included
+    NF.update_running_stats(
+        m.running_mean,
+        m.running_var,
+        mean,
+        var,
+        count,
+        m.momentum,
+        num_batches_tracked=m.num_batches_tracked,
+        who=f"accumulate_stats: {type(m).__name__}",
+    )
 
 
 # --------------------------------------------------------------------------- freezing
@@ -367,7 +364,7 @@ def freeze(model: nn.Module, modules: ModuleSpec = None, *, affine_trainable: bo
             )
     swapped: dict[nn.Module, nn.Module] = {}
     for m in targets:
-        if isinstance(m, nn.SyncBatchNorm):  # torch's (GPU-only) SyncBatchNorm: normlab's, same tensors
+        if isinstance(m, nn.SyncBatchNorm) and not isinstance(m, _BatchNormBase):  # torch's: normlab's, same tensors
             swapped[m] = _to_sync(m, m.process_group)
         elif not isinstance(m, _BatchNormBase):
             new = convert(m, "normlab")

@@ -1,6 +1,6 @@
-"""normlab's normalisation layers (``torch.nn`` modules)."""
+"""normlab's normalisation layers: each an instance of the ``torch.nn`` layer it replaces."""
 
-from normlab.layers.base import NormBase
+from normlab.layers.base import NormLayer
 from normlab.layers.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from normlab.layers.ghost import GhostBatchNorm
 from normlab.layers.groupnorm import GroupNorm, InstanceNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
@@ -10,7 +10,7 @@ from normlab.layers.renorm import BatchRenorm
 from normlab.layers.sync import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
-    "NormBase",
+    "NormLayer",
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",

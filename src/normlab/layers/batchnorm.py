@@ -32,6 +32,17 @@ Beyond PyTorch (keyword-only, defaults reproduce PyTorch):
   (N, S, D) data, and ``forward(x, mask=...)`` keeps padded positions out of
   the statistics.
 
+* an empty batch (no value per feature) gives an empty output and leaves
+  the running statistics as they are, as ``torch.nn`` does (which, like
+  ``torch.nn``, still counts it in ``num_batches_tracked``); one value per
+  feature in training is an error.
+
+Every layer here is an instance of the ``torch.nn`` class it replaces
+(``normlab.BatchNorm2d`` is an ``nn.BatchNorm2d``; :class:`BatchNorm` a
+``_BatchNorm``), so tools that find BatchNorm layers by ``isinstance`` find
+these. The running-statistics update is one ``normlab::update_running_stats_``
+operator call: no host sync and no graph break under ``torch.compile``.
+
 Shape: ``BatchNorm1d`` (N, C) or (N, C, L); ``BatchNorm2d`` (N, C, H, W);
 ``BatchNorm3d`` (N, C, D, H, W); output as input, in the input's memory format
 (channels-last included).
@@ -39,16 +50,29 @@ Shape: ``BatchNorm1d`` (N, C) or (N, C, L); ``BatchNorm2d`` (N, C, H, W);
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from normlab import _ops
 from normlab import functional as NF
-from normlab.layers.base import NormBase
+from normlab.layers.base import MaskedNormLayer, add_nonfinite_counter
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
+Stats = list[tuple[Tensor, Tensor, "int | Tensor"]]  # [(mean, biased var, count)], one per running-stats update
 
-class _BatchNormBase(NormBase):
+
+class _BatchNormBase(MaskedNormLayer, _BatchNorm):
+    """The BatchNorm family's template: checks and bookkeeping here, training statistics in one hook.
+
+    ``_forward`` validates the input (type, rank, feature axis, mask), takes the
+    eval path (running statistics) when batch statistics are not used, and
+    otherwise calls :meth:`_train_forward` — the one method Ghost, Renorm, Noisy
+    and Sync BatchNorm override — then folds each batch statistic it returns into
+    the running buffers (:meth:`_update`, one ``normlab::update_running_stats_``
+    call: no host sync, no graph break).
+    """
+
     _feature_dim = 1
 
     def __init__(
@@ -67,15 +91,19 @@ class _BatchNormBase(NormBase):
         frozen: bool = False,
         unbiased_running_var: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        name = type(self).__name__
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
+        NF.check_eps(eps, name)
         NF.ema_weight(momentum, 1, convention=momentum_convention, debias=debias)  # validate early
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias
+        )
         self.momentum_convention = momentum_convention
         self.debias = debias
         self.frozen = frozen
         self.unbiased_running_var = unbiased_running_var
-        self.register_buffer(
-            "num_nonfinite_batches", torch.tensor(0, dtype=torch.long, device=device), persistent=False
-        )
+        add_nonfinite_counter(self, device)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -92,7 +120,12 @@ class _BatchNormBase(NormBase):
     def _check_input_dim(self, input: Tensor) -> None:
         pass
 
-    def _check_features(self, input: Tensor, dim: int) -> None:
+    def _feature_axis(self, input: Tensor) -> int:
+        """Check the input and return its feature axis."""
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{type(self).__name__}: expected a torch.Tensor, got {type(input).__name__}")
+        self._check_input_dim(input)
+        dim = self._feature_dim % input.dim() if input.dim() else 0
         got = input.shape[dim]
         if got != self.num_features:
             raise ValueError(
@@ -100,48 +133,46 @@ class _BatchNormBase(NormBase):
                 f"but the layer was built with num_features={self.num_features}; "
                 f"build it as {type(self).__name__}({got}) or fix the preceding layer's output width"
             )
+        return dim
 
     def _uses_batch_stats(self) -> bool:
         return (self.training and not self.frozen) or self.running_mean is None
 
-    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
-        if not isinstance(input, Tensor):
-            raise TypeError(f"{type(self).__name__}: expected a torch.Tensor, got {type(input).__name__}")
-        self._check_input_dim(input)
-        dim = self._feature_dim % input.dim() if input.dim() else 0
-        self._check_features(input, dim)
+    def _forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        dim = self._feature_axis(input)
+        if mask is not None:
+            mask = NF.check_mask(mask, input, dim, type(self).__name__)
         if not self._uses_batch_stats():
             return NF.batch_norm(
                 input, self.running_mean, self.running_var, self.weight, self.bias, False, eps=self.eps, feature_dim=dim
             )
-        y, mean, var, count = NF.batch_norm_train(input, self.weight, self.bias, self.eps, feature_dim=dim, mask=mask)
-        if self.training and self.track_running_stats:
-            self._update(mean, var, count)
+        y, stats = self._train_forward(input, dim, mask)
+        if self.training and self.track_running_stats and not NF._under_functorch():
+            for mean, var, count in stats:
+                self._update(mean, var, count)
         return y
 
-    def _update(self, mean: Tensor, var: Tensor, count) -> None:
-        """Blend the batch statistics into the running ones; a non-finite batch is skipped and counted."""
-        kw = {"convention": self.momentum_convention, "debias": self.debias}
-        with torch.no_grad():
-            if mean.device.type == "cpu":  # host numbers: one compiled update, no tensor bookkeeping
-                step = int(self.num_batches_tracked) + 1
-                weight = NF.ema_weight(self.momentum, step, **kw)
-                finite = NF.update_running_stats(
-                    self.running_mean, self.running_var, mean, var, count, weight, unbiased=self.unbiased_running_var
-                )
-                (self.num_batches_tracked if finite else self.num_nonfinite_batches).add_(1)
-                if not finite:
-                    NF.warn_nonfinite(type(self).__name__)
-                return
-            # on accelerators: no host sync; the skip is decided by torch.where and counted, not warned about
-            finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
-            self.num_batches_tracked.add_(finite.long())
-            self.num_nonfinite_batches.add_((~finite).long())
-            step = self.num_batches_tracked.clamp(min=1).to(self.running_mean.dtype)
-            weight = NF.ema_weight(self.momentum, step, **kw)
-            NF.update_running_stats(
-                self.running_mean, self.running_var, mean, var, count, weight, unbiased=self.unbiased_running_var
-            )
+    def _train_forward(self, input: Tensor, dim: int, mask: Tensor | None) -> tuple[Tensor, Stats]:
+        """The hook: training-mode output and the batch statistics to fold into the running ones."""
+        y, mean, var, count = NF.batch_norm_train(input, self.weight, self.bias, self.eps, feature_dim=dim, mask=mask)
+        return y, [(mean, var, count)]
+
+    def _update(self, mean: Tensor, var: Tensor, count: int | Tensor) -> None:
+        """Blend batch statistics into the running ones; a non-finite batch is skipped, counted and warned about."""
+        _ops.update_running_stats(
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            self.num_nonfinite_batches,
+            mean.detach(),
+            var.detach(),
+            count,
+            self.momentum,
+            self.momentum_convention == "decay",
+            self.debias,
+            self.unbiased_running_var,
+            type(self).__name__,
+        )
 
 
 class BatchNorm(_BatchNormBase):
@@ -149,6 +180,7 @@ class BatchNorm(_BatchNormBase):
 
     ``BatchNorm(64)`` accepts (N, 64), (N, 64, L), (N, 64, H, W), ... ;
     ``BatchNorm(64, feature_dim=-1)`` accepts (N, H, W, 64) and (N, S, 64).
+    An instance of ``torch.nn.modules.batchnorm._BatchNorm``.
     """
 
     def __init__(self, num_features: int, *args, feature_dim: int = 1, **kwargs) -> None:
@@ -162,10 +194,13 @@ class BatchNorm(_BatchNormBase):
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(
-                f"BatchNorm: expected an input of at least 2 dims (a batch and a feature axis), got {input.dim()}D"
+                f"{type(self).__name__}: expected an input of at least 2 dims (a batch and a feature axis), "
+                f"got {input.dim()}D"
             )
         if not -input.dim() <= self._feature_dim < input.dim():
-            raise IndexError(f"BatchNorm: feature_dim={self._feature_dim} is out of range for a {input.dim()}D input")
+            raise IndexError(
+                f"{type(self).__name__}: feature_dim={self._feature_dim} is out of range for a {input.dim()}D input"
+            )
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -183,19 +218,19 @@ def _dims_checker(name: str, allowed: tuple[int, ...], hint: str):
     return check
 
 
-class BatchNorm1d(_BatchNormBase):
-    """As :class:`torch.nn.BatchNorm1d`: input (N, C) or (N, C, L)."""
+class BatchNorm1d(_BatchNormBase, nn.BatchNorm1d):
+    """As :class:`torch.nn.BatchNorm1d` (and an instance of it): input (N, C) or (N, C, L)."""
 
     _check_input_dim = _dims_checker("BatchNorm1d", (2, 3), "(N, C) or (N, C, L)")
 
 
-class BatchNorm2d(_BatchNormBase):
-    """As :class:`torch.nn.BatchNorm2d`: input (N, C, H, W), contiguous or channels-last."""
+class BatchNorm2d(_BatchNormBase, nn.BatchNorm2d):
+    """As :class:`torch.nn.BatchNorm2d` (and an instance of it): input (N, C, H, W), contiguous or channels-last."""
 
     _check_input_dim = _dims_checker("BatchNorm2d", (4,), "(N, C, H, W)")
 
 
-class BatchNorm3d(_BatchNormBase):
-    """As :class:`torch.nn.BatchNorm3d`: input (N, C, D, H, W), contiguous or channels-last."""
+class BatchNorm3d(_BatchNormBase, nn.BatchNorm3d):
+    """As :class:`torch.nn.BatchNorm3d` (and an instance of it): input (N, C, D, H, W), contiguous or channels-last."""
 
     _check_input_dim = _dims_checker("BatchNorm3d", (5,), "(N, C, D, H, W)")

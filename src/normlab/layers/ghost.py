@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normlab import functional as NF
 from normlab.layers.batchnorm import BatchNorm
 
 __all__ = ["GhostBatchNorm"]
@@ -44,23 +43,18 @@ class GhostBatchNorm(BatchNorm):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
 
-    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
-        if not self._uses_batch_stats():
-            return super().forward(input, mask)
-        if not isinstance(input, Tensor):
-            raise TypeError(f"GhostBatchNorm: expected a torch.Tensor, got {type(input).__name__}")
-        self._check_input_dim(input)
-        dim = self._feature_dim % input.dim()
+    def _train_forward(self, input: Tensor, dim: int, mask: Tensor | None):
         if dim == 0:
             raise ValueError(
                 "GhostBatchNorm: the batch axis 0 is split into virtual batches, so it cannot be the feature axis; "
                 "pass feature_dim=1 for (N, C, *) or feature_dim=-1 for (N, ..., C)"
             )
-        self._check_features(input, dim)
         vbs = self.virtual_batch_size
-        per_sample = input[:1].numel() // self.num_features if input.shape[0] else 0
+        if input.shape[0] <= vbs:  # one virtual batch: ordinary BatchNorm
+            return super()._train_forward(input, dim, mask)
+        per_sample = input[:1].numel() // self.num_features
         last = input.shape[0] % vbs or vbs
-        if input.shape[0] > vbs and last * per_sample <= 1:
+        if last * per_sample <= 1:
             raise ValueError(
                 f"GhostBatchNorm: a batch of {input.shape[0]} samples leaves a last virtual batch of {last} sample(s) "
                 f"with one value per feature (virtual_batch_size={vbs}); use a batch size that is not 1 more than a "
@@ -68,11 +62,9 @@ class GhostBatchNorm(BatchNorm):
             )
         chunks = input.split(vbs, 0)
         masks = mask.split(vbs, 0) if mask is not None else (None,) * len(chunks)
-        update = self.training and self.track_running_stats
-        out = []
+        out, stats = [], []
         for xc, mc in zip(chunks, masks):  # each (n_v, ...) with n_v <= vbs
-            y, mean, var, count = NF.batch_norm_train(xc, self.weight, self.bias, self.eps, feature_dim=dim, mask=mc)
-            if update:
-                self._update(mean, var, count)
+            y, chunk_stats = super()._train_forward(xc, dim, mc)
             out.append(y)
-        return out[0] if len(out) == 1 else torch.cat(out, 0)  # cat keeps a channels-last layout
+            stats += chunk_stats
+        return torch.cat(out, 0), stats  # cat keeps a channels-last layout

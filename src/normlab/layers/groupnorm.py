@@ -2,23 +2,25 @@
 
 GroupNorm with one group is LayerNorm over (C, *spatial) with a per-channel
 affine; with ``C`` groups it is InstanceNorm. Both run on the same row kernel.
+Each layer is an instance of the ``torch.nn`` class it replaces; a channels-last
+input gives a channels-last output, as ``torch.nn``'s.
 """
 
 from __future__ import annotations
 
 import warnings
 
-import torch
 from torch import Tensor, nn
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from normlab import functional as NF
-from normlab.layers.base import NormBase
+from normlab.layers.base import NormLayer, add_nonfinite_counter
 
 __all__ = ["GroupNorm", "InstanceNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 
-class GroupNorm(nn.Module):
-    """As :class:`torch.nn.GroupNorm`: input (N, C, *), ``C`` split into ``num_groups`` groups.
+class GroupNorm(NormLayer, nn.GroupNorm):
+    """As :class:`torch.nn.GroupNorm` (and an instance of it): input (N, C, *), ``C`` split into ``num_groups`` groups.
 
     Each sample's group is standardised with its own mean and biased variance;
     ``weight``/``bias`` are per channel. ``centered=False`` (keyword-only, not
@@ -37,37 +39,17 @@ class GroupNorm(nn.Module):
         bias: bool = True,
         centered: bool = True,
     ) -> None:
-        super().__init__()
         if num_groups <= 0 or num_channels % num_groups != 0:
             divisors = [g for g in range(1, num_channels + 1) if num_channels % g == 0]
             raise ValueError(
                 f"GroupNorm: num_groups={num_groups} must divide num_channels={num_channels}; "
                 f"valid choices are {divisors}"
             )
-        factory = {"device": device, "dtype": dtype}
-        self.num_groups = num_groups
-        self.num_channels = num_channels
-        self.eps = eps
-        self.affine = affine
+        NF.check_eps(eps, "GroupNorm")
+        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype, bias=bias)
         self.centered = centered
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_channels, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_channels, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
-
-    def forward(self, input: Tensor) -> Tensor:
+    def _forward(self, input: Tensor) -> Tensor:
         if input.dim() < 2 or input.shape[1] != self.num_channels:
             raise ValueError(
                 f"GroupNorm: expected input (N, {self.num_channels}, *), got shape {tuple(input.shape)}; "
@@ -76,11 +58,10 @@ class GroupNorm(nn.Module):
         return NF.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, centered=self.centered)
 
     def extra_repr(self) -> str:
-        s = "{num_groups}, {num_channels}, eps={eps}, affine={affine}".format(**self.__dict__)
-        return s + ("" if self.centered else ", centered=False")
+        return super().extra_repr() + ("" if self.centered else ", centered=False")
 
 
-class _InstanceNormBase(NormBase):
+class _InstanceNormBase(NormLayer, _InstanceNorm):
     _spatial_dims: tuple[int, ...] = ()  # accepted numbers of spatial dims; () = any >= 1
 
     def __init__(
@@ -95,7 +76,17 @@ class _InstanceNormBase(NormBase):
         *,
         bias: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        name = type(self).__name__
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
+        NF.check_eps(eps, name)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias
+        )
+        add_nonfinite_counter(self, device)
+
+    def _get_no_batch_dim(self) -> int:
+        return self._spatial_dims[0] + 1 if self._spatial_dims else -1
 
     def _check_input_dim(self, input: Tensor) -> None:
         name = type(self).__name__
@@ -105,7 +96,7 @@ class _InstanceNormBase(NormBase):
             want = " or ".join(f"{s + 1}D (unbatched) or {s + 2}D" for s in spatial) if spatial else "(N, C, *spatial)"
             raise ValueError(f"{name}: expected {want} input, got {input.dim()}D input of shape {tuple(input.shape)}")
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         unbatched = (
             bool(self._spatial_dims)
@@ -113,7 +104,7 @@ class _InstanceNormBase(NormBase):
             and input.dim() - 2 not in self._spatial_dims
         )
         if unbatched:
-            return self.forward(input.unsqueeze(0)).squeeze(0)
+            return self._forward(input.unsqueeze(0)).squeeze(0)
         if input.shape[1] != self.num_features:
             msg = (
                 f"{type(self).__name__}: input has {input.shape[1]} channels (shape {tuple(input.shape)}) "
@@ -121,11 +112,20 @@ class _InstanceNormBase(NormBase):
             )
             if self.affine:
                 raise ValueError(msg + "; build the layer with the input's channel count")
-            warnings.warn(msg + "; num_features is not used because affine=False", stacklevel=2)
+            warnings.warn(msg + "; num_features is not used because affine=False", stacklevel=3)
         use_input_stats = self.training or not self.track_running_stats
         momentum = self.momentum if self.momentum is not None else 0.0
         return NF.instance_norm(
-            input, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats, momentum, self.eps
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            use_input_stats,
+            momentum,
+            self.eps,
+            num_nonfinite_batches=self.num_nonfinite_batches,
+            who=type(self).__name__,
         )
 
 
@@ -133,19 +133,19 @@ class InstanceNorm(_InstanceNormBase):
     """InstanceNorm over (N, C, *spatial) with any number of spatial dims (>= 1)."""
 
 
-class InstanceNorm1d(_InstanceNormBase):
-    """As :class:`torch.nn.InstanceNorm1d`: input (N, C, L) or unbatched (C, L)."""
+class InstanceNorm1d(_InstanceNormBase, nn.InstanceNorm1d):
+    """As :class:`torch.nn.InstanceNorm1d` (and an instance of it): input (N, C, L) or unbatched (C, L)."""
 
     _spatial_dims = (1,)
 
 
-class InstanceNorm2d(_InstanceNormBase):
-    """As :class:`torch.nn.InstanceNorm2d`: input (N, C, H, W) or unbatched (C, H, W)."""
+class InstanceNorm2d(_InstanceNormBase, nn.InstanceNorm2d):
+    """As :class:`torch.nn.InstanceNorm2d` (and an instance of it): input (N, C, H, W) or unbatched (C, H, W)."""
 
     _spatial_dims = (2,)
 
 
-class InstanceNorm3d(_InstanceNormBase):
-    """As :class:`torch.nn.InstanceNorm3d`: input (N, C, D, H, W) or unbatched (C, D, H, W)."""
+class InstanceNorm3d(_InstanceNormBase, nn.InstanceNorm3d):
+    """As :class:`torch.nn.InstanceNorm3d` (and an instance of it): input (N, C, D, H, W) or unbatched (C, D, H, W)."""
 
     _spatial_dims = (3,)

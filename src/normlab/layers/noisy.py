@@ -92,19 +92,12 @@ class NoisyBatchNorm(BatchNorm):
         zeta = torch.randn_like(z)
         return z * (1 + sigma * xi) + mu + sigma * zeta
 
-    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
-        if not (self.training and self._uses_batch_stats()) or self.strength == 0:
-            return super().forward(input, mask)
-        if not isinstance(input, Tensor):
-            raise TypeError(f"NoisyBatchNorm: expected a torch.Tensor, got {type(input).__name__}")
-        self._check_input_dim(input)
-        dim = self._feature_dim % input.dim()
-        self._check_features(input, dim)
+    def _train_forward(self, input: Tensor, dim: int, mask: Tensor | None):
+        if not self.training or self.strength == 0:  # batch statistics outside training, or no noise: BatchNorm
+            return super()._train_forward(input, dim, mask)
         w, b = (self.weight, self.bias) if self.after_affine else (None, None)
         y, mean, var, count = NF.batch_norm_train(input, w, b, self.eps, feature_dim=dim, mask=mask)
-        if self.track_running_stats:
-            self._update(mean, var, count)
-        y = self._noise(y, dim)
+        y = self._noise(y, dim)  # the running statistics come from the clean batch
         if not self.after_affine:
             shape = [1] * input.dim()
             shape[dim] = self.num_features
@@ -112,4 +105,4 @@ class NoisyBatchNorm(BatchNorm):
                 y = y * self.weight.view(shape)
             if self.bias is not None:
                 y = y + self.bias.view(shape)
-        return y
+        return y, [(mean, var, count)]

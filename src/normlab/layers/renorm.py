@@ -107,14 +107,9 @@ class BatchRenorm(BatchNorm):
         d = self.d_max * _ramp(t, *self.d_max_warmup)
         return r, d
 
-    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
-        if not (self.training and not self.frozen):
-            return super().forward(input, mask)
-        if not isinstance(input, Tensor):
-            raise TypeError(f"BatchRenorm: expected a torch.Tensor, got {type(input).__name__}")
-        self._check_input_dim(input)
-        dim = self._feature_dim % input.dim()
-        self._check_features(input, dim)
+    def _train_forward(self, input: Tensor, dim: int, mask: Tensor | None):
+        if not self.training or self.running_mean is None:  # batch statistics outside training: plain BatchNorm
+            return super()._train_forward(input, dim, mask)
         xhat, mean, var, count = NF.batch_norm_train(input, None, None, self.eps, feature_dim=dim, mask=mask)
         with torch.no_grad():  # r and d: constants for autograd
             r_max, d_max = self.limits()
@@ -132,6 +127,4 @@ class BatchRenorm(BatchNorm):
         view = [1] * input.dim()
         view[dim] = self.num_features
         y = torch.addcmul(shift.view(view).to(xhat.dtype), xhat, scale.view(view).to(xhat.dtype))
-        if self.track_running_stats:  # False only while normlab.accumulate_stats defers the update
-            self._update(mean, var, count)
-        return y
+        return y, [(mean, var, count)]  # the running statistics are updated after the output is computed

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from normlab import _kernels as K
 from normlab.functional import _column_view
+from normlab.layers.base import replace_modules, swap
 from normlab.layers.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "combine_moments", "gather_moments", "is_distributed"]
@@ -151,11 +152,17 @@ class SyncBatchNorm(BatchNorm):
     """BatchNorm whose training statistics are those of the batch across all processes.
 
     Signature as :class:`torch.nn.SyncBatchNorm` plus normlab's keyword-only
-    options (``feature_dim``, ``momentum_convention``, ``debias``, ``frozen``,
-    ``unbiased_running_var``). Input (N, C, *) for ``feature_dim=1``, any
-    layout with the features on ``feature_dim`` otherwise; output as input.
-    Synchronises only in training mode with an active process group of more
-    than one process; otherwise it is :class:`normlab.BatchNorm`.
+    options (``feature_dim``, ``momentum_convention``,
+    ``debias``, ``frozen``, ``unbiased_running_var``). Input (N, C, *) for
+    ``feature_dim=1``, any layout with the features on ``feature_dim``
+    otherwise; output as input. Synchronises only in training mode with an
+    active process group of more than one process (any device, gloo included);
+    otherwise it is :class:`normlab.BatchNorm`.
+
+    An instance of ``torch.nn.modules.batchnorm._BatchNorm`` but deliberately not
+    of ``torch.nn.SyncBatchNorm``: ``DistributedDataParallel`` refuses every
+    ``nn.SyncBatchNorm`` on the CPU ("SyncBatchNorm layers only work with GPU
+    modules"), and working there is what this layer is for.
     """
 
     def __init__(
@@ -173,19 +180,14 @@ class SyncBatchNorm(BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         self.process_group = process_group
 
-    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
-        if not (self.training and not self.frozen and is_distributed(self.process_group)):
-            return super().forward(input, mask)
+    def _train_forward(self, input: Tensor, dim: int, mask: Tensor | None):
+        if not (self.training and is_distributed(self.process_group)):
+            return super()._train_forward(input, dim, mask)
         if mask is not None:
             raise NotImplementedError(
                 "SyncBatchNorm: masked statistics are not synchronised across processes; "
                 "drop the mask (pad consistently) or normalise the masked input with normlab.BatchNorm"
             )
-        if not isinstance(input, Tensor):
-            raise TypeError(f"SyncBatchNorm: expected a torch.Tensor, got {type(input).__name__}")
-        self._check_input_dim(input)
-        dim = self._feature_dim % input.dim()
-        self._check_features(input, dim)
         x, weight, bias = input, self.weight, self.bias
         if x.dtype in (torch.float16, torch.bfloat16):  # statistics and arithmetic in float32
             x = x.float()
@@ -193,9 +195,7 @@ class SyncBatchNorm(BatchNorm):
             bias = None if bias is None else bias.float()
         x3, back = _column_view(x, dim)
         y3, mean, var, n = _SyncColumnNorm.apply(x3, weight, bias, self.eps, self.process_group)
-        if self.track_running_stats:
-            self._update(mean, var, n)
-        return back(y3).to(input.dtype)
+        return back(y3).to(input.dtype), [(mean, var, n)]
 
 
 # torch.nn and normlab classes that become SyncBatchNorm (subclasses with other semantics, such as
@@ -215,42 +215,32 @@ _OPTIONS = ("momentum_convention", "debias", "frozen", "unbiased_running_var")
 
 def _to_sync(module: nn.Module, process_group) -> SyncBatchNorm:
     kw = {k: getattr(module, k) for k in _OPTIONS if hasattr(module, k)}
-    new = SyncBatchNorm(
-        module.num_features,
-        module.eps,
-        module.momentum,
-        module.affine,
-        module.track_running_stats,
-        process_group,
-        device="meta",
+    return swap(
+        module,
+        SyncBatchNorm,
+        num_features=module.num_features,
+        eps=module.eps,
+        momentum=module.momentum,
+        affine=module.affine,
+        track_running_stats=module.track_running_stats,
+        process_group=process_group,
         feature_dim=getattr(module, "feature_dim", 1),
         **kw,
-    )  # placeholder storage: the source's tensors are moved in below
-    for name in list(new._parameters):
-        new._parameters[name] = module._parameters.get(name)
-    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-    device = tensors[0].device if tensors else torch.device("cpu")
-    for name, b in list(new._buffers.items()):
-        if name in module._buffers:
-            new._buffers[name] = module._buffers[name]
-        elif b is not None:  # normlab's counters, absent from torch.nn modules
-            new._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device=device)
-    new.train(module.training)
-    return new
+    )
 
 
 def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
     """Replace every BatchNorm layer of ``model`` by :class:`SyncBatchNorm`, in place; returns the model.
 
-    Converts ``torch.nn.BatchNorm{1,2,3}d``, ``torch.nn.SyncBatchNorm`` and
-    normlab's ``BatchNorm``/``BatchNorm{1,2,3}d`` (exact types). The new layers
-    take over the very same ``Parameter`` and buffer tensors (an optimizer
-    built before still works) and keep the train/eval mode and normlab's
-    convention options. A model that *is* a BN layer is returned converted
-    (use the return value). Call it before wrapping the model in DDP.
+    normlab's counterpart of ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``
+    (which also works on normlab's layers, and gives ``torch.nn.SyncBatchNorm``,
+    whose synchronised path needs a GPU): this one synchronises on any device
+    and backend (gloo on the CPU). Converts ``torch.nn.BatchNorm{1,2,3}d``,
+    ``torch.nn.SyncBatchNorm`` and normlab's ``BatchNorm``/``BatchNorm{1,2,3}d``
+    (exact types). The new layers take over the very same ``Parameter`` and
+    buffer tensors (an optimizer built before still works) and keep the
+    train/eval mode and normlab's convention options. A model that *is* a BN
+    layer is returned converted (use the return value). Call it before
+    wrapping the model in DDP.
     """
-    if type(model) in _CONVERTIBLE:
-        return _to_sync(model, process_group)
-    for name, child in model.named_children():
-        setattr(model, name, convert_sync_batchnorm(child, process_group))
-    return model
+    return replace_modules(model, lambda m: _to_sync(m, process_group) if type(m) in _CONVERTIBLE else None)
