@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 THREADS ?= 2
 
-.PHONY: demo test test-all bench venv clean
+.PHONY: demo test test-all lint bench venv clean
 
 venv: $(STAMP)
 
@@ -19,7 +19,11 @@ $(STAMP): pyproject.toml requirements-cpu.txt
 demo: $(STAMP)
 	OMP_NUM_THREADS=$(THREADS) $(PY) -m normlab demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks scripts
+	$(PY) -m ruff format --check src tests benchmarks scripts
+
+test: lint
 	OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest -q
 
 test-all: $(STAMP)

@@ -160,7 +160,8 @@ def main() -> None:
     base = results.get("torch")
     print(
         f"\nTraining epoch, small CNN (BatchNorm) on {args.n} synthetic 3x32x32 images, batch {args.batch}, "
-        f"SGD, float32, {args.threads} threads; torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"SGD, float32, {args.threads} threads; torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}, "
         f"median of epochs 2..{args.epochs}, best of {args.rounds} interleaved rounds\n"
     )
     print("| loop | s / epoch (best) | all rounds | speed-up vs torch loop |")

@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         "three parts, paired, correlated 0.5": (3, True, 0.5),
     }
     curves = {
-        name: [dict(effect=e, **simulate(e, m, paired, rho, seed=100 * i + k, plan=plan)) for k, e in enumerate(EFFECTS)]
+        name: [
+            dict(effect=e, **simulate(e, m, paired, rho, seed=100 * i + k, plan=plan)) for k, e in enumerate(EFFECTS)
+        ]
         for i, (name, (m, paired, rho)) in enumerate(designs.items())
     }
     out = Path(args.out)

@@ -73,6 +73,20 @@ def _recheck_text(v: dict) -> str:
     return f"{'same' if same else '**different**'} ({r['threads_before']}→{r['threads']} threads)"
 
 
+def _power_line() -> str:
+    path = REPO / "docs" / "power.json"
+    if not path.is_file():
+        return ""
+    power = json.loads(path.read_text())
+    at = {name: next(p for p in pts if p["effect"] == 1.5)["holds"] for name, pts in power["curves"].items()}
+    null = {name: pts[0]["holds"] for name, pts in power["curves"].items()}
+    parts = "; ".join(f"{name}: {at[name]:.2f} (no effect: {null[name]:.3f})" for name in at)
+    return (
+        f"Power of the rule at this budget (simulated, {power['simulations']} experiments per point, margin "
+        f"{power['margin_sd']} SD; `docs/power.json`): P(holds) at a true effect of 1.5 per-seed SD — {parts}."
+    )
+
+
 def claims_block(suite: dict | None, verdicts: dict[str, dict], titles: dict[str, str]) -> str:
     """The README's claims section body, from the published results only."""
     if suite is None:
@@ -90,6 +104,8 @@ def claims_block(suite: dict | None, verdicts: dict[str, dict], titles: dict[str
         f"(`normlab run <claim> --recheck`): {same} of {len(rechecked)} verdicts reached the same decision in every "
         f"part. Intervals are 95 % (the decisions use the Holm/Bonferroni-adjusted level stored beside them); "
         f"effects of log-scale parts are ratios (×).",
+        "",
+        _power_line(),
         "",
         "| | claim | verdict | deciding parts: effect [95 % interval] (margin δ) → decision | seeds | time | recheck "
         "| figures |",
@@ -180,6 +196,9 @@ def publish(root: Path) -> None:
         dest = FIGURES / name
         if dest.is_dir():
             shutil.rmtree(dest)
+        old = FIGURES / f"{name}.png"  # the layout before figures had a folder per experiment
+        if old.is_file():
+            old.unlink()
         dest.mkdir(parents=True)
         for f in v.get("figures", []):
             shutil.copyfile(root / name / f, dest / Path(f).name)

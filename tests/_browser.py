@@ -325,7 +325,8 @@ def load(
                     dt, s,
                     f"(() => {{ const e = document.querySelector({json.dumps(sel)}); if (!e) return null;"
                     " const r = e.getBoundingClientRect();"
-                    " return {x: r.left + window.scrollX, y: r.top + window.scrollY, width: r.width, height: r.height}; })()",
+                    " return {x: r.left + window.scrollX, y: r.top + window.scrollY,"
+                    " width: r.width, height: r.height}; })()",
                 )  # fmt: skip
                 if box and box["width"] > 0 and box["height"] > 0:
                     box["height"] = min(box["height"], full_page_max)

@@ -379,7 +379,8 @@ def test_progress_to_a_pipe_is_whole_lines_with_elapsed_and_eta(tmp_path, capsys
         assert "\r" not in err and "\r" not in captured.out
         lines = [l for l in err.splitlines() if l.startswith("smoke-example [2 seeds]: ")]
         assert lines and len(lines) <= 4  # the first and the last, at most one per finished run between
-        pattern = r"smoke-example \[2 seeds\]: ([1-4])/4 runs ran=\d stored=\d, elapsed (\d+s|\dm\d\ds), ETA (\d+s|\dm\d\ds|\?)"
+        clock = r"(\d+s|\dm\d\ds)"
+        pattern = rf"smoke-example \[2 seeds\]: ([1-4])/4 runs ran=\d stored=\d, elapsed {clock}, ETA ({clock}|\?)"
         assert all(re.fullmatch(pattern, l) for l in lines), lines
         assert lines[-1].startswith("smoke-example [2 seeds]: 4/4 runs ran=4 stored=0") and lines[-1].endswith("ETA 0s")
 

@@ -167,8 +167,8 @@ def test_nonlinearity_gamma_against_closed_form_and_quadrature():
     assert nonlinearity_gamma("identity") == pytest.approx(1.0, rel=1e-9)
     phi = lambda z: math.exp(-z * z / 2) / math.sqrt(2 * math.pi)  # noqa: E731
     for name, f in (("tanh", math.tanh), ("sigmoid", lambda z: 0.5 * (1 + math.tanh(z / 2)))):
-        m1 = quad(lambda z: f(z) * phi(z), -40, 40, points=[0.0], limit=200)[0]
-        m2 = quad(lambda z: f(z) ** 2 * phi(z), -40, 40, points=[0.0], limit=200)[0]
+        m1 = quad(lambda z, f=f: f(z) * phi(z), -40, 40, points=[0.0], limit=200)[0]
+        m2 = quad(lambda z, f=f: f(z) ** 2 * phi(z), -40, 40, points=[0.0], limit=200)[0]
         assert nonlinearity_gamma(name) == pytest.approx(1 / math.sqrt(m2 - m1 * m1), rel=1e-7)
     assert nonlinearity_gamma(nn.Tanh()) == nonlinearity_gamma("tanh")
     with pytest.raises(ValueError, match="unknown activation 'swish'"):

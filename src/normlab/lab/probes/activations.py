@@ -248,7 +248,7 @@ def minimize_shift_objective(
                 line_search_fn="strong_wolfe",
             )
 
-            def closure():
+            def closure(opt=opt, d=d, e2=e2):  # bound now: LBFGS calls it within this iteration
                 opt.zero_grad()
                 f = ((cov + torch.outer(d, d)) ** 2 + e2).sqrt().sum()
                 f.backward()

@@ -209,7 +209,7 @@ def hessian_eigenvalues(
             v = _project_out(_random(op.shapes, op.leaves, gen, "gaussian"), vecs)
             v = _scale(1.0 / norm(v), v)
             lam, prev, done, it = 0.0, None, False, 0
-            for it in range(1, max_iter + 1):
+            for it in range(1, max_iter + 1):  # noqa: B007 - `it` is read after the loop (iterations used)
                 w = _project_out(op(v), vecs)
                 lam = dot(v, w)
                 wn = norm(w)

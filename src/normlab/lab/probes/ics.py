@@ -124,7 +124,7 @@ def internal_covariate_shift(
         stepped = _optimizer_step(optimizer, named, g_all)  # name -> W^+ for parameters the optimizer moves
 
         out = []
-        for lname, layer in sorted(chosen, key=lambda nm: start.get(nm[0], math.inf)):
+        for lname, _layer in sorted(chosen, key=lambda nm: start.get(nm[0], math.inf)):
             if lname not in start:
                 continue  # not run by this objective
             own = [n for n in names if owner[n] == lname]

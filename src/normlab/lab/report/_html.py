@@ -24,7 +24,10 @@ from normlab.lab.report.builder import NOT_RUN, Entry, Figure, ReportData, _fmt_
 
 __all__ = ["render_html", "CSS", "SCRIPT", "CSP"]
 
-CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+CSP = (
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+    "base-uri 'none'; form-action 'none'"
+)
 
 STATUS_ORDER = {"holds": 0, "does not hold": 1, "inconclusive": 2, NOT_RUN: 3}
 STATUS_CLASS = {
@@ -58,7 +61,8 @@ pre { background: var(--soft); padding: 0.7rem; overflow-x: auto; border-radius:
 .st-fails { color: var(--fails); background: var(--fails-bg); border-color: #f5c2bc; }
 .st-inconclusive { color: var(--inc); background: var(--inc-bg); border-color: #f0d795; }
 .st-notrun { color: var(--notrun); background: var(--notrun-bg); border-color: #d5d9df; }
-nav.toc { border: 1px solid var(--line); border-radius: 6px; padding: 0.4rem 1rem; margin: 0 0 1.2rem; background: var(--soft); font-size: 0.92rem; }
+nav.toc { border: 1px solid var(--line); border-radius: 6px; padding: 0.4rem 1rem; margin: 0 0 1.2rem;
+          background: var(--soft); font-size: 0.92rem; }
 table { border-collapse: collapse; width: 100%; }
 th, td { text-align: left; vertical-align: top; padding: 0.4rem 0.55rem; border-bottom: 1px solid var(--line); }
 th { background: var(--soft); font-size: 0.9rem; white-space: nowrap; }
@@ -79,10 +83,12 @@ th[aria-sort="descending"] button.sort::after { content: " \\2193"; }
 section.exp { border-top: 3px solid var(--line); padding-top: 1.2rem; margin-top: 2.2rem; }
 section.exp .title { color: var(--muted); margin: 0 0 0.6rem; }
 p.verdict { font-size: 1.02rem; margin: 0.4rem 0; }
-dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 0.15rem 1rem; margin: 0.6rem 0; font-size: 0.92rem; }
+dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 0.15rem 1rem; margin: 0.6rem 0;
+           font-size: 0.92rem; }
 dl.facts dt { color: var(--muted); }
 dl.facts dd { margin: 0; }
-.notes { border-left: 4px solid #f0d795; background: var(--inc-bg); padding: 0.4rem 0.8rem; margin: 0.6rem 0; font-size: 0.9rem; }
+.notes { border-left: 4px solid #f0d795; background: var(--inc-bg); padding: 0.4rem 0.8rem; margin: 0.6rem 0;
+         font-size: 0.9rem; }
 .notes ul { margin: 0; padding-left: 1.2rem; }
 .figures { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(100%, 460px), 1fr)); gap: 1rem; }
 figure { margin: 0; border: 1px solid var(--line); border-radius: 6px; padding: 0.5rem; background: #fff; }
@@ -282,7 +288,8 @@ def _overview(data: ReportData) -> str:
 def _figure(f: Figure, base: Path, entry: Entry) -> str:
     cap = f'{_e(f.name)} — stored as <a href="{_href(f.path, base)}">{_e(f.path.name)}</a>'
     if not f.ok:
-        return f'<figure><p class="missing">figure {_e(f.path.name)}: {_e(f.problem)}</p><figcaption>{cap}</figcaption></figure>'
+        missing = f'<p class="missing">figure {_e(f.path.name)}: {_e(f.problem)}</p>'
+        return f"<figure>{missing}<figcaption>{cap}</figcaption></figure>"
     alt = f"{entry.label} {entry.name}: {f.name}"
     return (
         f'<figure><a href="{_href(f.path, base)}" title="open the stored PNG at full size">'
@@ -351,7 +358,8 @@ def _runs(e: Entry, base: Path) -> str:
     return (
         f"<details><summary>Raw run files: {len(e.runs)} run folder(s) under "
         f'<a href="{_href(e.folder, base)}/">{_e(e.folder.name)}/</a>{_e(more)}</summary>'
-        f'<div class="scroll"><table class="runs"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div></details>'
+        f'<div class="scroll"><table class="runs"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+        "</div></details>"
     )
 
 
@@ -372,8 +380,10 @@ def _parts(e: Entry) -> str:
             f'<td>{_e(c["ci95"])}</td><td title="{_e(c["why"])}">{_e(c["margin"])}</td><td>{_e(c["n"])}</td>'
             f"<td>{_badge(p['status'])}{_e(c['decision'][len(p['status']) :])}</td></tr>"
         )
-    why = "".join(f"<li><strong>{_e(p['name'])}</strong>: δ {_e(part_cells(p)['margin'])} — {_e(p.get('why_margin'))}</li>"
-                  for p in e.parts)  # fmt: skip
+    why = "".join(
+        f"<li><strong>{_e(p['name'])}</strong>: δ {_e(part_cells(p)['margin'])} — {_e(p.get('why_margin'))}</li>"
+        for p in e.parts
+    )
     v = e.verdict or {}
     rule = (
         f"<p>Rule: {_e(v.get('rule'))} (version {_e(v.get('rule_version'))}); α = {_e(v.get('alpha'))} split over "
@@ -504,7 +514,8 @@ def _audit(data: ReportData, base: Path) -> str:
                         + "</tr>"
                     )
                 out.append(
-                    f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+                    f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+                    f"<tbody>{''.join(rows)}</tbody></table></div>"
                 )
             notes = result.get("notes") if isinstance(result, dict) else None
             if notes:
@@ -526,7 +537,8 @@ def _other(data: ReportData, base: Path) -> str:
         '<section class="exp" id="other-runs"><h2>Other stored runs</h2>'
         "<p>Run folders in the store that belong to no registered experiment and have no verdict "
         "(e.g. single runs from <code>normlab train</code>).</p>"
-        f"<table><thead><tr><th>folder</th><th>complete runs</th><th>incomplete</th></tr></thead><tbody>{rows}</tbody></table></section>"
+        "<table><thead><tr><th>folder</th><th>complete runs</th><th>incomplete</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table></section>"
     )
 
 
@@ -557,7 +569,8 @@ def render_html(data: ReportData, base: Path) -> str:
             f'<p>{claims} claim experiment(s) registered:</p><ul class="tally">{tally}</ul>',
             problem,
             "</header>",
-            f'<nav class="toc" aria-label="contents">{nav} — each claim id and name in the overview links to its section.</nav>'
+            f'<nav class="toc" aria-label="contents">{nav} — each claim id and name in the overview links to its '
+            "section.</nav>"
             if extra
             else "",
             "<main>",
