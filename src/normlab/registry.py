@@ -28,7 +28,7 @@ the layers themselves never import the registry.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 from torch import nn
@@ -44,7 +44,16 @@ from normlab.layers import (
     RMSNorm,
 )
 
-__all__ = ["Registry", "RegistryError", "NORMS", "make_norm", "register_norm", "norm_names", "NormSpec"]
+__all__ = [
+    "Registry",
+    "RegistryError",
+    "NORMS",
+    "make_norm",
+    "register_norm",
+    "norm_names",
+    "NormSpec",
+    "check_options",
+]
 
 T = TypeVar("T")
 
@@ -146,6 +155,16 @@ class Registry(Generic[T]):
             known = ", ".join(sorted(self._items)) or "(none registered)"
             raise RegistryError(f"unknown {self.kind} {name!r}; known {self.kind}s: {known}")
         return key
+
+
+def check_options(who: str, given: Iterable[str], valid: Iterable[str]) -> None:
+    """Raise ``TypeError`` naming ``who``, the unknown keyword options among ``given`` and the ``valid`` ones."""
+    valid = list(valid)
+    bad = sorted(set(given) - set(valid))
+    if bad:
+        raise TypeError(
+            f"{who} got unknown option(s) {', '.join(map(repr, bad))}; valid options: {', '.join(valid) or '(none)'}"
+        )
 
 
 NormSpec = str | type | Callable[..., nn.Module] | None

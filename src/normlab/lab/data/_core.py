@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from normlab.registry import Registry
+from normlab.registry import Registry, check_options
 
 __all__ = ["Dataset", "Raw", "load_dataset", "dataset_names", "register_dataset", "stratified_subset"]
 
@@ -116,12 +116,7 @@ def load_dataset(
     key = DATASETS.canonical(name)
     loader = DATASETS.get(key)
     options = _options(loader)
-    bad = sorted(set(kw) - set(options))
-    if bad:
-        raise TypeError(
-            f"load_dataset({key!r}) got unknown option(s) {', '.join(map(repr, bad))}; "
-            f"valid options: {', '.join(options + ['n_train', 'n_test', 'standardize']) or '(none)'}"
-        )
+    check_options(f"load_dataset({key!r})", kw, options + ["n_train", "n_test", "standardize"])
     for label, n in (("n_train", n_train), ("n_test", n_test)):
         if n is not None and (not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1):
             raise ValueError(f"{label} must be a positive int or None, got {n!r}")

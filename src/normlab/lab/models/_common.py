@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from normlab.registry import NormSpec, Registry, make_norm
+from normlab.registry import NormSpec, Registry, check_options, make_norm
 
 __all__ = [
     "register_model",
@@ -101,12 +101,7 @@ def build_model(
     """
     key = MODELS.canonical(name)
     factory = MODELS.get(key)
-    options = _options(factory)
-    bad = sorted(set(kw) - set(options))
-    if bad:
-        raise TypeError(
-            f"model {key!r} got unknown option(s) {', '.join(map(repr, bad))}; valid options: {', '.join(options)}"
-        )
+    check_options(f"model {key!r}", kw, _options(factory))
     in_shape = tuple(int(s) for s in in_shape)
     if not in_shape or any(s < 1 for s in in_shape):
         raise ValueError(
