@@ -275,6 +275,36 @@ def _sweep_sequential(store, experiment, configs, run_fn, env_fn, note, poll) ->
             time.sleep(poll)
 
 
+class _Results:
+    """One round of parallel tasks: each outcome noted, the busy ones kept for the next round, the first error."""
+
+    def __init__(self, note) -> None:
+        self.note = note
+        self.busy: list = []
+        self.error: BaseException | None = None
+
+    def take(self, config, get) -> bool:
+        """Note ``get()``'s (status, run id); returns True on the first failure (the caller cancels the rest)."""
+        try:
+            st, rid = get()
+        except BaseException as e:  # stop submitting; let the running ones finish
+            first = self.error is None
+            self.error = self.error or e
+            return first
+        self.note(st, rid)
+        if st == "busy":
+            self.busy.append(config)
+        return False
+
+    def next_round(self, poll: float) -> list:
+        """The configs to submit again (claimed by a live worker elsewhere), after ``poll`` seconds; raises an error."""
+        if self.error is not None:
+            raise self.error
+        if self.busy:
+            time.sleep(poll)
+        return self.busy
+
+
 def _pool_map(root, experiment, todo, run_fn, env_fn, note, *, workers, address, poll) -> None:
     import concurrent.futures as cf
     import multiprocessing
@@ -292,24 +322,12 @@ def _pool_map(root, experiment, todo, run_fn, env_fn, note, *, workers, address,
         pending = list(todo)
         while pending:
             futures = {ex.submit(_run_task, root, experiment, c, run_fn, env_fn): c for c in pending}
-            busy, error = [], None
+            results = _Results(note)
             for fut in cf.as_completed(futures):
-                try:
-                    st, rid = fut.result()
-                except BaseException as e:  # stop submitting; let the running ones finish
-                    if error is None:
-                        error = e
-                        for f in futures:
-                            f.cancel()
-                    continue
-                note(st, rid)
-                if st == "busy":
-                    busy.append(futures[fut])
-            if error is not None:
-                raise error
-            pending = busy
-            if pending:
-                time.sleep(poll)
+                if results.take(futures[fut], fut.result):
+                    for f in futures:
+                        f.cancel()
+            pending = results.next_round(poll)
 
 
 def _ray_map(root, experiment, todo, run_fn, env_fn, note, *, workers, address, poll) -> None:
@@ -327,23 +345,11 @@ def _ray_map(root, experiment, todo, run_fn, env_fn, note, *, workers, address, 
     pending = list(todo)
     while pending:
         refs = {task.remote(root, experiment, c, run_fn, env_fn): c for c in pending}
-        busy, error = [], None
+        results = _Results(note)
         left = list(refs)
         while left:
             ready, left = ray.wait(left, num_returns=1)
-            try:
-                st, rid = ray.get(ready[0])
-            except BaseException as e:
-                if error is None:
-                    error = e
-                    for r in left:
-                        ray.cancel(r)
-                continue
-            note(st, rid)
-            if st == "busy":
-                busy.append(refs[ready[0]])
-        if error is not None:
-            raise error
-        pending = busy
-        if pending:
-            time.sleep(poll)
+            if results.take(refs[ready[0]], lambda: ray.get(ready[0])):  # noqa: B023 - called right here
+                for r in left:
+                    ray.cancel(r)
+        pending = results.next_round(poll)

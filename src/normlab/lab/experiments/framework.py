@@ -533,75 +533,103 @@ def run_experiment(
     t0 = time.time()
     exp = get_experiment(name)
     cfg = exp.config_for(scale, overrides, seeds)
-    plan = exp.plan(cfg)
-    store = RunStore(root)
-    folder = store.root / exp.name
-    run_fn = functools.partial(_run_grid_point, exp.name, scale, device, cfg, progress)
-    env_fn = functools.partial(_run_env, exp.name, exp.claim, scale, device, cfg.threads)
     launch.join_from_env(device)  # torchrun: join once, with the backend of this device (nccl for CUDA)
     main = launch.is_main_process()
+    store = RunStore(root)
+    rounds = _run_rounds(
+        exp, cfg, scale, device, store, progress and main, executor=executor, workers=workers, address=address
+    )
+    stale = _stale_runs(rounds.runs)
+    if stale and main:
+        _warn_stale(exp.name, len(stale), len(rounds.runs), store.root / exp.name)
+    result = ExperimentResult(
+        exp.name, exp.claim, scale, cfg, rounds.verdict, rounds.rows, [], store.root / exp.name,
+        store.root / exp.name / "verdict.json", rounds.ran, rounds.skipped,
+    )  # fmt: skip
+    if main and write:  # under torchrun, rank 0 draws and writes
+        result.figures = _draw(exp, cfg, rounds.verdict, rounds.rows, result.folder)
+        result.wall_time = time.time() - t0
+        _write_verdict(result, exp, overrides, seeds, device, rounds, len(stale))
+    result.wall_time = time.time() - t0
+    return result
+
+
+@dataclass
+class _Rounds:
+    """What the rounds of seeds left: the verdict at the last look taken, its runs and rows, what ran."""
+
+    verdict: Verdict
+    runs: list  # StoredRun of the last look, grid order
+    rows: list[dict[str, Any]]
+    ran: list[str]
+    skipped: list[str]
+
+
+def _run_rounds(exp: Experiment, cfg, scale, device, store, progress, **where) -> _Rounds:
+    """Seeds in rounds: run each look's missing runs, judge, stop once every deciding part is decided."""
+    plan = exp.plan(cfg)
+    run_fn = functools.partial(_run_grid_point, exp.name, scale, device, cfg, progress)
+    env_fn = functools.partial(_run_env, exp.name, exp.claim, scale, device, cfg.threads)
     ran: list[str] = []
     skipped: list[str] = []
     for n in plan.looks:
         desc = f"{exp.claim or ''} {exp.name} [{n} seeds]".strip()
-        report = sweep(
-            store, exp.name, exp.runs(cfg, n), run_fn, env_fn=env_fn, progress=progress and main, desc=desc,
-            executor=executor, workers=workers, address=address,
-        )  # fmt: skip
+        report = sweep(store, exp.name, exp.runs(cfg, n), run_fn, env_fn=env_fn, progress=progress, desc=desc, **where)
         ran += report.ran
-        skipped += [
-            r for r in report.skipped if r not in skipped and r not in ran
-        ]  # earlier rounds' runs are not "stored"
+        skipped += [r for r in report.skipped if r not in skipped and r not in ran]  # earlier rounds' are not "stored"
         rows = report.rows(with_metrics=True)
         verdict = judge_rows(exp, cfg, rows, scale, plan)
         if all(r.status != INCONCLUSIVE for r in verdict.judgement.deciding):
             break  # every deciding part is decided: no more seeds
-    stale = _stale_runs(report.runs)
-    if stale and main:
-        warnings.warn(
-            f"{exp.name}: {len(stale)} of {len(report.runs)} stored runs were made by other normlab source code "
-            f"(source hash differs from {source_hash()}); their numbers may not be what this code gives. "
-            f"Delete {folder} (or those run folders) to run them again.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    verdict_path = folder / "verdict.json"
-    if not (main and write):
-        return ExperimentResult(exp.name, exp.claim, scale, cfg, verdict, rows, [], folder, verdict_path,
-                                ran, skipped, time.time() - t0)  # fmt: skip
-    figures = list(exp.plot(rows, folder / "figures", cfg) if exp.plot is not None else [])
+    return _Rounds(verdict, report.runs, rows, ran, skipped)
+
+
+def _warn_stale(name: str, n_stale: int, n_runs: int, folder: Path) -> None:
+    warnings.warn(
+        f"{name}: {n_stale} of {n_runs} stored runs were made by other normlab source code "
+        f"(source hash differs from {source_hash()}); their numbers may not be what this code gives. "
+        f"Delete {folder} (or those run folders) to run them again.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _draw(exp: Experiment, cfg, verdict: Verdict, rows: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """The experiment's own figures, then the forest plot of its parts."""
+    figures = [Path(p) for p in (exp.plot(rows, folder / "figures", cfg) if exp.plot is not None else [])]
     figures.append(forest_plot(verdict, folder / "figures", f"{exp.claim or ''} {exp.name}".strip()))
-    wall = time.time() - t0
-    used = sorted({int(r["seed"]) for r in rows})
+    return figures
+
+
+def _write_verdict(result: ExperimentResult, exp: Experiment, overrides, seeds, device, rounds: _Rounds, stale: int):
+    """``verdict.json``: the verdict with every part, how it was reached, and what it ran on."""
+    j = result.verdict.judgement
+    folder = result.folder
     write_json_atomic(
-        verdict_path,
+        result.verdict_path,
         {
             "experiment": exp.name,
             "claim": exp.claim,
             "title": exp.title,
-            **verdict.to_dict(),
+            **result.verdict.to_dict(),
             "preregistration": exp.preregistration,
-            "scale": scale,
-            "seeds_used": used[: verdict.judgement.seeds],
-            "config": dataclasses.asdict(cfg),
+            "scale": result.scale,
+            "seeds_used": sorted({int(r["seed"]) for r in rounds.rows})[: j.seeds],
+            "config": dataclasses.asdict(result.config),
             "overrides": list(overrides.items()) if isinstance(overrides, Mapping) else list(overrides),
             "device": device,
-            "runs": [r.run_id for r in report.runs if int(r.config()["seed"]) < verdict.judgement.seeds],
-            "figures": [
-                str(Path(p).relative_to(folder)) if Path(p).is_relative_to(folder) else str(p) for p in figures
-            ],
-            "command": _command(exp.name, scale, seeds, overrides),
+            "runs": [r.run_id for r in rounds.runs if int(r.config()["seed"]) < j.seeds],
+            "figures": [str(p.relative_to(folder)) if p.is_relative_to(folder) else str(p) for p in result.figures],
+            "command": _command(exp.name, result.scale, seeds, overrides),
             "git_revision": git_revision(),
             "source_hash": source_hash(),
-            "stale_runs": len(stale),
-            "machine": {**_machine(), "threads_per_run": cfg.threads},
-            "wall_time": wall,
-            "ran": len(ran),
+            "stale_runs": stale,
+            "machine": {**_machine(), "threads_per_run": result.config.threads},
+            "wall_time": result.wall_time,
+            "ran": len(result.ran),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     )
-    return ExperimentResult(exp.name, exp.claim, scale, cfg, verdict, rows, [Path(p) for p in figures], folder,
-                            verdict_path, ran, skipped, wall)  # fmt: skip
 
 
 def analyse_stored(name: str, root: str | Path = "runs") -> Verdict:
