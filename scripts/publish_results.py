@@ -3,6 +3,7 @@
 
     python scripts/publish_results.py --root runs   # after `normlab run --all` (and `--recheck`)
     python scripts/publish_results.py --check       # exit 1 if README.md or docs/CLAIMS.md disagree with docs/results
+    python scripts/publish_results.py --regenerate  # rewrite both from docs/results (after editing a docstring)
 
 Publishing copies ``<root>/suite.json`` and each claim's ``verdict.json`` to
 ``docs/results/``, each verdict's figures to ``docs/figures/<experiment>/``,
@@ -208,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=Path("runs"), help="the run store to publish (default: runs)")
     ap.add_argument("--check", action="store_true", help="only check that README.md and docs/CLAIMS.md are current")
+    ap.add_argument("--regenerate", action="store_true", help="rewrite README.md and docs/CLAIMS.md from docs/results")
     args = ap.parse_args(argv)
-    if not args.check:
+    if not (args.check or args.regenerate):
         publish(args.root)
     suite, verdicts = _load_results()
     readme = _readme_with(claims_block(suite, verdicts, _titles()))
