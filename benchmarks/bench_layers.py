@@ -207,8 +207,11 @@ def _pair_of_models(make):
     return ref, ours
 
 
-def measure_steps(reps: int, quick: bool, compiled: bool):
-    """Training-step time of whole models: normlab's norms against torch.nn's in the same model."""
+def measure_steps(reps: int, quick: bool, compiled: bool, eager: bool = True):
+    """Training-step time of whole models: normlab's norms against torch.nn's in the same model.
+
+    ``eager=False`` skips the lab-style (eager) rows, ``compiled=False`` the torch.compile row.
+    """
     norms = {
         "BatchNorm2d": lambda lib: lib.BatchNorm2d,
         "GroupNorm(4)": lambda lib: lambda c: lib.GroupNorm(4, c),
@@ -216,7 +219,7 @@ def measure_steps(reps: int, quick: bool, compiled: bool):
     }
     rows = []
     x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
-    for label, norm in list(norms.items())[: 1 if quick else 3]:
+    for label, norm in list(norms.items())[: 1 if quick else 3] if eager else []:
         ref, ours = _pair_of_models(lambda lib, norm=norm: _deep_stack(norm(lib)))
         opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (ref, ours)]
         for _ in range(5):
@@ -238,6 +241,11 @@ def measure_steps(reps: int, quick: bool, compiled: bool):
         opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (ref, ours)]
         for _ in range(3):  # compiles, then warms up
             _train_step(ref, opts[0], x, y), _train_step(ours, opts[1], x, y)
+        breaks = dict(torch._dynamo.utils.counters["graph_break"])
+        if breaks:  # both models share their code objects: a break can leave either one running eagerly
+            raise SystemExit(
+                f"the compiled models have graph breaks, so the row would not time compiled code: {breaks}"
+            )
         t_ours, t_ref = _interleaved(
             [partial(_train_step, ours, opts[1], x, y), partial(_train_step, ref, opts[0], x, y)], reps * 2
         )
@@ -268,6 +276,11 @@ def main(argv=None) -> None:
         "does: fresh outputs then cost no page faults, for both implementations, and the kernels' own speed shows",
     )
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (it compiles two models)")
+    ap.add_argument(
+        "--compiled-only",
+        action="store_true",
+        help="only the torch.compile row (to compare it before and after a change without the other tables)",
+    )
     args = ap.parse_args(argv)
     allocator = "default glibc allocator"
     if args.tuned_malloc:
@@ -282,6 +295,9 @@ def main(argv=None) -> None:
         f"{platform.processor() or platform.machine()} | threads {torch.get_num_threads()} | {allocator} | "
         "float32, train-mode forward+backward"
     )
+    if args.compiled_only:
+        _steps_table(measure_steps(args.reps, args.quick, compiled=True, eager=False))
+        return
     rows = measure(args.reps, args.quick)
     tiny = measure_tiny(args.reps)
     bf16 = measure(args.reps, args.quick, bf16_cases(args.quick), dtype=torch.bfloat16, memory=False)
@@ -308,6 +324,10 @@ def main(argv=None) -> None:
     print("|---|---|---:|---:|---:|")
     for name, shape, tr, to, ratio, *_ in bf16:
         print(f"| {name} | {'×'.join(map(str, shape))} | {tr:.2f} | {to:.2f} | **{ratio:.2f}** |")
+    _steps_table(steps)
+
+
+def _steps_table(steps) -> None:
     print()
     print("Training steps (forward, loss, backward, SGD step), the same model with torch.nn's or normlab's norms:")
     print()

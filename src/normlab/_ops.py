@@ -19,9 +19,12 @@ autograd formula (``torch.library.register_autograd`` with ``setup_context``). T
 backward runs the backward operator; when the backward itself is recorded
 (``create_graph=True``, Hessian-vector products) it runs the same formula in
 differentiable tensor ops (:func:`normlab.autograd.norm_backward`), so second
-derivatives are exact. To ``torch.compile`` and ``torch.export`` the operators are
-opaque nodes: no graph breaks, and the buffers mutated by ``update_running_stats_``
-are declared in its schema.
+derivatives are exact. To ``torch.export`` the operators are opaque nodes (an exported
+program names them), and the buffers mutated by ``update_running_stats_`` are declared
+in its schema. While ``torch.compile`` traces, :mod:`normlab.functional` runs the norms'
+formulas in tensor ops instead, so that inductor can fuse them with their neighbours
+(see ``functional._composite``); the running-statistics update stays the
+``update_running_stats_`` operator there too (no graph break, no host sync).
 
 ``torch.func`` transforms (``vmap``, ``grad``, ``jvp``, ``jacrev``, ``hessian``) need
 forward-mode derivatives and batching rules that an opaque operator cannot give;

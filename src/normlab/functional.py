@@ -21,6 +21,12 @@ Running statistics follow PyTorch by default: the batch variance used to
 normalise is the biased one; the running variance stores the unbiased one
 (``n / (n - 1)``); ``momentum`` is the weight of the new batch. A batch whose
 statistics are not finite leaves the running buffers untouched.
+
+Inside ``torch.func`` transforms and while ``torch.compile`` traces, the same
+formulas run in differentiable tensor ops (:func:`_composite`), which the
+transforms can batch and differentiate and inductor can fuse. Compiled, the
+running statistics are still updated by the ``normlab::update_running_stats_``
+operator; under a transform they are not updated.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from normlab import _kernels as K
 from normlab import _ops
 from normlab._ops import ema_weight
 
@@ -89,12 +96,85 @@ def _under_functorch() -> bool:
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
+def _composite() -> bool:
+    """True where the norms run as differentiable tensor ops (:func:`_composite_norm`) instead of the operators.
+
+    Inside a ``torch.func`` transform (:func:`_under_functorch`), and while
+    ``torch.compile`` traces: there an opaque ``normlab::`` node would keep
+    inductor from fusing the norm with its neighbours (BatchNorm -> ReLU ->
+    pooling) and from choosing layouts, while the same formulas in tensor ops
+    compile to code as fast as ``torch.nn``'s norms. The running-statistics
+    update stays the ``normlab::update_running_stats_`` operator either way.
+    ``torch.export`` keeps the forward operators (an exported program names them).
+    """
+    if torch.compiler.is_compiling():
+        return not torch.compiler.is_exporting()
+    return torch._C._are_functorch_transforms_active()
+
+
 def _composite_norm(x: Tensor, dims: tuple[int, ...], eps: float, centered: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(xhat, mean, biased var)`` over ``dims`` in differentiable tensor ops (two-pass: centre, then square)."""
-    mean = x.mean(dims, keepdim=True) if centered else torch.zeros((), dtype=x.dtype, device=x.device)
-    xc = x - mean if centered else x
+    """``(xhat, mean, biased var)`` over ``dims`` in differentiable tensor ops (two-pass: centre, then square).
+
+    As in the kernels, a float32 mean is summed in float64 and what rounding it to float32 loses is
+    subtracted too (``_kernels._split``), so ``|mean| >> std`` costs no accuracy.
+    """
+    if not centered:
+        var = (x * x).mean(dims, keepdim=True)
+        return x * torch.rsqrt(var + eps), torch.zeros((), dtype=x.dtype, device=x.device), var
+    mean, lo = K._split(x.mean(dims, keepdim=True, dtype=K._wide(x.dtype)), x.dtype)
+    xc = x - mean if lo is None else x - mean - lo
     var = (xc * xc).mean(dims, keepdim=True)
     return xc * torch.rsqrt(var + eps), mean, var
+
+
+class _CompiledNorm(torch.autograd.Function):
+    """:func:`_composite_norm` and the affine, with the analytic backward: the norm as ``torch.compile`` traces it.
+
+    Autograd's chain rule back through both statistics costs inductor a second sweep over the data; the
+    analytic formula of :mod:`normlab.autograd` (``dx = invstd * (gw - mean(gw) - xhat * mean(gw * xhat))``)
+    needs per-feature sums in one sweep, then one elementwise pass, which is what torch.nn's norms compile
+    to. When the weight is constant along the statistics' axes (BatchNorm) it is factored out, so the sums
+    of ``grad`` and ``grad * xhat`` serve ``dx``, ``dweight`` and ``dbias`` alike. Once differentiable:
+    a compiled backward is not differentiated again (``torch.func`` transforms use plain autograd).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dims: tuple[int, ...], eps: float, centered: bool):
+        xhat, mean, var = _composite_norm(x, dims, eps, centered)
+        ctx.save_for_backward(xhat, var, weight)
+        ctx.dims, ctx.eps, ctx.centered = dims, eps, centered
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.mark_non_differentiable(mean, var)
+        return _affine(xhat, weight, bias), mean, var
+
+    @staticmethod
+    def backward(ctx, grad, _gmean, _gvar):
+        xhat, var, weight = ctx.saved_tensors
+        dims = ctx.dims
+        invstd = torch.rsqrt(var + ctx.eps)
+        factored = weight is None or all(weight.shape[d] == 1 for d in dims)
+        g = grad if factored else grad * weight
+        inner = g - xhat * (g * xhat).mean(dims, keepdim=True)
+        if ctx.centered:
+            inner = inner - g.mean(dims, keepdim=True)
+        need = ctx.needs_input_grad
+        dx = inner * (invstd if weight is None or not factored else invstd * weight) if need[0] else None
+        dw = K._sum_to(grad * xhat, weight.shape) if need[1] else None
+        db = K._sum_to(grad, ctx.bias_shape) if need[2] else None
+        return dx, dw, db, None, None, None
+
+
+def _norm_in_tensor_ops(x: Tensor, weight, bias, dims: tuple[int, ...], eps: float, centered: bool):
+    """``(y, mean, biased var)`` over ``dims`` in tensor ops (see :func:`_composite`); statistics keepdim-shaped.
+
+    ``weight``/``bias`` broadcast against ``x``. While ``torch.compile`` traces, with the analytic
+    backward (:class:`_CompiledNorm`); in a ``torch.func`` transform, plain autograd (forward mode,
+    batching and second derivatives included).
+    """
+    if torch.compiler.is_compiling():
+        return _CompiledNorm.apply(x, weight, bias, dims, eps, centered)
+    xhat, mean, var = _composite_norm(x, dims, eps, centered)
+    return _affine(xhat, weight, bias), mean, var
 
 
 def check_mask(mask: Tensor, input: Tensor, dim: int, who: str = "batch_norm") -> Tensor:
@@ -327,10 +407,12 @@ def _batch_norm_train(x: Tensor, dim: int, weight, bias, eps: float):
     if x.dtype in _HALF:  # accumulate and normalise in float32, return the input's dtype
         y, mean, var = _batch_norm_train(x.float(), dim, _f32(weight), _f32(bias), eps)
         return y.to(x.dtype), mean, var
-    if _under_functorch():
-        xhat, mean, var = _composite_norm(x, tuple(d for d in range(x.dim()) if d != dim), eps, True)
-        c = x.shape[dim]
-        y = _affine(xhat, _affine_view(weight, c, dim, x.dim()), _affine_view(bias, c, dim, x.dim()))
+    if _composite():
+        c, nd = x.shape[dim], x.dim()
+        dims = tuple(d for d in range(nd) if d != dim)
+        y, mean, var = _norm_in_tensor_ops(
+            x, _affine_view(weight, c, dim, nd), _affine_view(bias, c, dim, nd), dims, eps, True
+        )
         return y, mean.detach().reshape(c), var.detach().reshape(c)
     x3, back = _column_view(x, dim)
     y3, mean, var, _ = _ops.batch_norm_forward(x3, weight, bias, eps)
@@ -377,11 +459,11 @@ def _row_norm(x: Tensor, view: Sequence[int], red: int, weight, bias, eps: float
         y, mean, var = _row_norm(x.float(), view, red, _f32(weight), _f32(bias), eps, centered)
         return y.to(x.dtype), mean, var
     xv = x.reshape(view)
-    if _under_functorch():
-        xhat, mean, var = _composite_norm(xv, tuple(range(xv.dim() - red, xv.dim())), eps, centered)
+    if _composite():
+        y, mean, var = _norm_in_tensor_ops(xv, weight, bias, tuple(range(xv.dim() - red, xv.dim())), eps, centered)
         if not centered:
             mean = torch.zeros_like(var)
-        return _affine(xhat, weight, bias).view(x.shape), mean.detach(), var.detach()
+        return y.view(x.shape), mean.detach(), var.detach()
     y, mean, var, _ = _ops.row_norm_forward(xv.contiguous(), weight, bias, eps, red, centered)
     return y.view(x.shape), mean, var
 
