@@ -29,10 +29,11 @@ test: lint
 test-all: $(STAMP)
 	OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest -q -m ""
 
+# the measurements are also stored in docs/bench/ (scripts/publish_results.py --regenerate puts them in README.md)
 bench: $(STAMP)
-	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/bench_layers.py
-	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/bench_layers.py --tuned-malloc
-	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/bench_train.py
+	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/bench_layers.py --json docs/bench/layers.json
+	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/bench_layers.py --tuned-malloc --no-compile --json docs/bench/layers-tuned.json
+	OMP_NUM_THREADS=$(THREADS) $(PY) benchmarks/bench_train.py --json docs/bench/train.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -23,6 +23,7 @@ input itself.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import time
@@ -254,15 +255,57 @@ def measure_steps(reps: int, quick: bool, compiled: bool, eager: bool = True):
     return rows
 
 
-def _table(rows, unit: str = "ms") -> None:
-    print(
-        f"| layer | shape | torch {unit} | normlab {unit} | ratio | torch peak MiB | normlab peak MiB | "
-        "torch saved MiB | normlab saved MiB |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, shape, tr, to, ratio, pr, po, sr, so in rows:
-        shp = "×".join(map(str, shape))
-        print(f"| {name} | {shp} | {tr:.1f} | {to:.1f} | **{ratio:.2f}** | {pr:.0f} | {po:.0f} | {sr:.1f} | {so:.1f} |")
+def tables(results: dict) -> str:
+    """The results as Markdown tables (what the script prints, and what the README's benchmark block shows)."""
+    out = [f"{results['meta']['header']}", ""]
+    layers = results.get("layers") or []
+    if layers:
+        out += [
+            "| layer | shape | torch ms | normlab ms | ratio | torch peak MiB | normlab peak MiB | torch saved MiB "
+            "| normlab saved MiB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        out += [
+            f"| {r['name']} | {'×'.join(map(str, r['shape']))} | {r['torch']:.1f} | {r['normlab']:.1f} "
+            f"| **{r['normlab'] / r['torch']:.2f}** | {r['torch_peak']:.0f} | {r['normlab_peak']:.0f} "
+            f"| {r['torch_saved']:.1f} | {r['normlab_saved']:.1f} |"
+            for r in layers
+        ]
+        ratios = sorted(r["normlab"] / r["torch"] for r in layers)
+        out += ["", f"median ratio {statistics.median(ratios):.2f}, worst {max(ratios):.2f} (normlab / torch)", ""]
+    if results.get("tiny"):
+        out += ["Tiny tensors (per-call cost), train-mode forward+backward:", ""]
+        out += ["| layer | shape | torch µs | normlab µs | ratio |", "|---|---|---:|---:|---:|"]
+        out += [
+            f"| {r['name']} | {'×'.join(map(str, r['shape']))} | {r['torch']:.0f} | {r['normlab']:.0f} "
+            f"| **{r['normlab'] / r['torch']:.2f}** |"
+            for r in results["tiny"]
+        ]
+        out.append("")
+    if results.get("bf16"):
+        out += ["bfloat16, train-mode forward+backward:", ""]
+        out += ["| layer | shape | torch ms | normlab ms | ratio |", "|---|---|---:|---:|---:|"]
+        out += [
+            f"| {r['name']} | {'×'.join(map(str, r['shape']))} | {r['torch']:.2f} | {r['normlab']:.2f} "
+            f"| **{r['normlab'] / r['torch']:.2f}** |"
+            for r in results["bf16"]
+        ]
+        out.append("")
+    if results.get("steps"):
+        out += [
+            "Training steps (forward, loss, backward, SGD step), the same model with torch.nn's or normlab's norms:"
+        ]
+        out += ["", "| model | torch.nn norms ms | normlab norms ms | ratio |", "|---|---:|---:|---:|"]
+        out += [
+            f"| {r['name']} | {r['torch']:.2f} | {r['normlab']:.2f} | **{r['normlab'] / r['torch']:.2f}** |"
+            for r in results["steps"]
+        ]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _layer_rows(rows) -> list[dict]:
+    keys = ("name", "shape", "torch", "normlab", "ratio", "torch_peak", "normlab_peak", "torch_saved", "normlab_saved")
+    return [{k: (list(v) if k == "shape" else v) for k, v in zip(keys, r)} for r in rows]
 
 
 def main(argv=None) -> None:
@@ -281,6 +324,7 @@ def main(argv=None) -> None:
         action="store_true",
         help="only the torch.compile row (to compare it before and after a change without the other tables)",
     )
+    ap.add_argument("--json", metavar="PATH", help="also write the measurements to PATH (for the README's tables)")
     args = ap.parse_args(argv)
     allocator = "default glibc allocator"
     if args.tuned_malloc:
@@ -290,51 +334,41 @@ def main(argv=None) -> None:
             raise SystemExit("--tuned-malloc: could not tune the allocator on this platform (glibc only)")
         allocator = "allocator tuned to keep freed blocks"
     native = "compiled kernels" if normlab._native.library() is not None else "tensor-op kernels (no C compiler)"
-    print(
+    header = (
         f"normlab {normlab.__version__} ({native}) | torch {torch.__version__} | "
         f"{platform.processor() or platform.machine()} | threads {torch.get_num_threads()} | {allocator} | "
-        "float32, train-mode forward+backward"
+        "float32 unless stated, train-mode forward+backward"
     )
+    print(header)
+    results: dict = {
+        "meta": {
+            "header": header,
+            "allocator": allocator,
+            "threads": torch.get_num_threads(),
+            "reps": args.reps,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    }
+    steps_only = [("name", "torch", "normlab")]
     if args.compiled_only:
-        _steps_table(measure_steps(args.reps, args.quick, compiled=True, eager=False))
-        return
-    rows = measure(args.reps, args.quick)
-    tiny = measure_tiny(args.reps)
-    bf16 = measure(args.reps, args.quick, bf16_cases(args.quick), dtype=torch.bfloat16, memory=False)
-    steps = measure_steps(args.reps, args.quick, compiled=not args.no_compile)
+        results["steps"] = [dict(zip(steps_only[0], r)) for r in measure_steps(args.reps, args.quick, True, False)]
+    else:
+        results["layers"] = _layer_rows(measure(args.reps, args.quick))
+        results["tiny"] = [
+            dict(zip(("name", "shape", "torch", "normlab"), (n, list(s), tr, to)))
+            for n, s, tr, to, _ in measure_tiny(args.reps)
+        ]
+        bf16 = measure(args.reps, args.quick, bf16_cases(args.quick), dtype=torch.bfloat16, memory=False)
+        results["bf16"] = _layer_rows(bf16)
+        steps = measure_steps(args.reps, args.quick, compiled=not args.no_compile)
+        results["steps"] = [dict(zip(steps_only[0], r)) for r in steps]
     print()
-    _table(rows)
-    ratios = sorted(r[4] for r in rows)
-    print()
-    print(
-        f"median ratio {statistics.median(ratios):.2f}, worst {max(ratios):.2f} "
-        "(normlab time / torch time; < 1 is faster)"
-    )
-    print()
-    print("Tiny tensors (per-call cost), train-mode forward+backward:")
-    print()
-    print("| layer | shape | torch µs | normlab µs | ratio |")
-    print("|---|---|---:|---:|---:|")
-    for name, shape, tr, to, ratio in tiny:
-        print(f"| {name} | {'×'.join(map(str, shape))} | {tr:.0f} | {to:.0f} | **{ratio:.2f}** |")
-    print()
-    print("bfloat16, train-mode forward+backward:")
-    print()
-    print("| layer | shape | torch ms | normlab ms | ratio |")
-    print("|---|---|---:|---:|---:|")
-    for name, shape, tr, to, ratio, *_ in bf16:
-        print(f"| {name} | {'×'.join(map(str, shape))} | {tr:.2f} | {to:.2f} | **{ratio:.2f}** |")
-    _steps_table(steps)
+    print(tables(results), end="")
+    if args.json:
+        from pathlib import Path
 
-
-def _steps_table(steps) -> None:
-    print()
-    print("Training steps (forward, loss, backward, SGD step), the same model with torch.nn's or normlab's norms:")
-    print()
-    print("| model | torch.nn norms ms | normlab norms ms | ratio |")
-    print("|---|---:|---:|---:|")
-    for name, tr, to in steps:
-        print(f"| {name} | {tr:.2f} | {to:.2f} | **{to / tr:.2f}** |")
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

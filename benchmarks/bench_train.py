@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 VARIANTS = ("torch", "torch+malloc", "normlab", "normlab-cl")
 
@@ -126,6 +127,7 @@ def main() -> None:
     )
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--quick", action="store_true", help="n=2000, 2 epochs")
+    p.add_argument("--json", metavar="PATH", help="also write the measurements to PATH (for the README's table)")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
@@ -155,20 +157,34 @@ def main() -> None:
             times = json.loads(out.stdout.strip().splitlines()[-1])["times"]
             per_round[v].append(statistics.median(times[1:]))
             print(f"  round {r + 1} {v:<13} epochs: {', '.join(f'{t:.2f}' for t in times)} s", file=sys.stderr)
-    results = {v: min(ts) for v, ts in per_round.items()}
+    results = {
+        "meta": {
+            "header": (
+                f"Training epoch, small CNN (BatchNorm) on {args.n} synthetic 3x32x32 images, batch {args.batch}, "
+                f"SGD, float32, {args.threads} threads; torch {torch.__version__}, "
+                f"{platform.processor() or platform.machine()}, "
+                f"median of epochs 2..{args.epochs}, best of {args.rounds} interleaved rounds"
+            ),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+        "loops": [{"loop": v, "best": min(ts), "rounds": ts} for v, ts in per_round.items()],
+    }
+    print()
+    print(table(results), end="")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
 
-    base = results.get("torch")
-    print(
-        f"\nTraining epoch, small CNN (BatchNorm) on {args.n} synthetic 3x32x32 images, batch {args.batch}, "
-        f"SGD, float32, {args.threads} threads; torch {torch.__version__}, "
-        f"{platform.processor() or platform.machine()}, "
-        f"median of epochs 2..{args.epochs}, best of {args.rounds} interleaved rounds\n"
-    )
-    print("| loop | s / epoch (best) | all rounds | speed-up vs torch loop |")
-    print("|---|---:|---|---:|")
-    for v, t in results.items():
-        ratio = f"{base / t:.2f}x" if base else "-"
-        print(f"| {v} | {t:.2f} | {', '.join(f'{x:.2f}' for x in per_round[v])} | {ratio} |")
+
+def table(results: dict) -> str:
+    """The results as a Markdown table (what the script prints, and what the README shows)."""
+    base = next((r["best"] for r in results["loops"] if r["loop"] == "torch"), None)
+    out = [results["meta"]["header"], "", "| loop | s / epoch (best) | all rounds | speed-up vs torch loop |"]
+    out.append("|---|---:|---|---:|")
+    for r in results["loops"]:
+        ratio = f"{base / r['best']:.2f}x" if base else "-"
+        out.append(f"| {r['loop']} | {r['best']:.2f} | {', '.join(f'{x:.2f}' for x in r['rounds'])} | {ratio} |")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

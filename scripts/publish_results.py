@@ -32,6 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"
 FIGURES = REPO / "docs" / "figures"
 BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
+BENCH_BEGIN, BENCH_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+BENCH = REPO / "docs" / "bench"
 FIGURE_LINK = "docs/figures"  # README links are relative to the repository root
 
 
@@ -169,13 +171,76 @@ def claims_document(verdicts: dict[str, dict]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def _readme_with(block: str) -> str:
-    readme = (REPO / "README.md").read_text()
-    if BEGIN not in readme or END not in readme:
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} block to fill")
-    head, rest = readme.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{block}\n{END}{tail}"
+def _fill(text: str, begin: str, end: str, block: str) -> str:
+    if begin not in text or end not in text:
+        raise SystemExit(f"README.md has no {begin} ... {end} block to fill")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{block}\n{end}{tail}"
+
+
+def _readme_with(claims: str, bench: str) -> str:
+    return _fill(_fill((REPO / "README.md").read_text(), BEGIN, END, claims), BENCH_BEGIN, BENCH_END, bench)
+
+
+def _bench_module(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _target(met: bool) -> str:
+    return "**met**" if met else "**not met**"
+
+
+def bench_block() -> str:
+    """The README's benchmark section body: the stored `make bench` measurements and the targets they meet."""
+    layers_path, tuned_path, train_path = BENCH / "layers.json", BENCH / "layers-tuned.json", BENCH / "train.json"
+    if not layers_path.is_file():
+        return "No benchmark has been stored yet: run `make bench`, then `scripts/publish_results.py --regenerate`."
+    layers = json.loads(layers_path.read_text())
+    out = [
+        f"Measured by `make bench` on {layers['meta']['time'][:10]} (`python benchmarks/bench_layers.py --json "
+        "docs/bench/layers.json`, the same with `--tuned-malloc`, and `benchmarks/bench_train.py`); the numbers "
+        "below are read from `docs/bench/`.",
+        "",
+        "**Default allocator** (`benchmarks/bench_layers.py`):",
+        "",
+        _bench_module("bench_layers").tables(layers),
+    ]
+    ratio = {r["name"] + " " + "×".join(map(str, r["shape"])): r["normlab"] / r["torch"] for r in layers["layers"]}
+    tiny = next(r for r in layers["tiny"] if r["name"] == "BatchNorm2d")
+    steps = {r["name"]: r["normlab"] / r["torch"] for r in layers["steps"]}
+    lab = [v for k, v in steps.items() if k.startswith("lab-style")]
+    compiled = [v for k, v in steps.items() if k.startswith("torch.compile")]
+    peak = [r for r in layers["layers"] if r["name"].startswith(("LayerNorm", "GroupNorm"))]
+    cl16 = ratio.get("BatchNorm2d channels-last 32×16×64×64")
+    out += [
+        "",
+        "Against the operators issue's targets (computed from the same file):",
+        "",
+        f"* tiny BatchNorm2d step ≤ 1.3× torch: {tiny['normlab'] / tiny['torch']:.2f}× — "
+        f"{_target(tiny['normlab'] / tiny['torch'] <= 1.3)}",
+        f"* lab-style training step ≤ 1.05× (BN, GN, LN): {', '.join(f'{v:.2f}×' for v in lab)} — "
+        f"{_target(all(v <= 1.05 for v in lab))}",
+        f"* LayerNorm/GroupNorm peak memory ≤ torch's: "
+        f"{', '.join('{:.0f} vs {:.0f} MiB'.format(r['normlab_peak'], r['torch_peak']) for r in peak)} — "
+        f"{_target(all(r['normlab_peak'] <= r['torch_peak'] for r in peak))}",
+    ]
+    if cl16 is not None:
+        out.append(f"* channels-last 16-channel BatchNorm ≤ 1.1×: {cl16:.2f}× — {_target(cl16 <= 1.1)}")
+    if compiled:
+        out.append(f"* `torch.compile`d small CNN: {compiled[0]:.2f}× the compiled torch.nn model")
+    if tuned_path.is_file():
+        tuned = json.loads(tuned_path.read_text())
+        out += ["", "**Tuned allocator** (`--tuned-malloc`):", "", _bench_module("bench_layers").tables(tuned)]
+    if train_path.is_file():
+        out += ["", "**Training epoch** (`benchmarks/bench_train.py`):", ""]
+        out.append(_bench_module("bench_train").table(json.loads(train_path.read_text())))
+    return "\n".join(out).rstrip()
 
 
 def _titles() -> dict[str, str]:
@@ -214,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.check or args.regenerate):
         publish(args.root)
     suite, verdicts = _load_results()
-    readme = _readme_with(claims_block(suite, verdicts, _titles()))
+    readme = _readme_with(claims_block(suite, verdicts, _titles()), bench_block())
     claims = claims_document(verdicts)
     if args.check:
         stale = [p for p, text in ((REPO / "README.md", readme), (REPO / "docs" / "CLAIMS.md", claims))
