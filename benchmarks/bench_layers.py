@@ -23,9 +23,12 @@ input itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 from functools import partial
 
@@ -128,7 +131,7 @@ def _peak_and_saved(mod, x, g):
     for p in mod.parameters():
         p.grad = None
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             mod(x).backward(g)
     # bytes allocated minus freed, in time order: its maximum is the peak. Each op's own (self)
     # allocations and frees are counted when it ends, so nested ops cannot hide a peak
@@ -139,6 +142,26 @@ def _peak_and_saved(mod, x, g):
     x_bytes = x.untyped_storage().nbytes()
     # the input is saved by both; count only what is saved beyond it
     return peak / 2**20, max(0, sum(saved) - x_bytes) / 2**20
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Send the C++ side's stderr (file descriptor 2) to /dev/null for a moment.
+
+    The profiler's native library announces every start and stop on stderr
+    ("USDT: ... profiler_start"), one pair per case, and no environment
+    variable turns it off; Python's own ``sys.stderr`` object is left alone.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _interleaved(fns, reps: int) -> list[float]:
