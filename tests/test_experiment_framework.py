@@ -252,6 +252,25 @@ def test_recheck_reruns_the_stored_seeds_with_another_thread_count(toy, tmp_path
     assert json.loads(first.verdict_path.read_text())["recheck"]["same_parts"] is True
 
 
+@pytest.mark.parametrize("cpus, threads, workers", [(2, 1, 2), (2, 2, 1), (8, 2, 4), (2, 4, 1), (1, None, 1)])
+def test_a_local_pool_divides_the_cpus_by_the_runs_threads(toy, tmp_path, monkeypatch, cpus, threads, workers):
+    """Two 2-thread runs on 2 cores fight over them (each is several times slower): the pool gets cpus // threads."""
+    seen = []
+
+    def fake_sweep(store, experiment, configs, run_fn, **where):
+        seen.append((where["executor"], where["workers"]))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(base.os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(base, "sweep", fake_sweep)
+    overrides = {} if threads is None else {"threads": threads}
+    with pytest.raises(RuntimeError, match="stop here"):
+        run_experiment("test-toy", "quick", None, overrides, root=tmp_path, progress=False, executor="local")
+    with pytest.raises(RuntimeError, match="stop here"):  # an explicit count is kept
+        run_experiment("test-toy", "quick", None, overrides, root=tmp_path, progress=False, executor="local", workers=3)
+    assert seen == [("local", workers), ("local", 3)]
+
+
 def test_every_registered_experiment_declares_deciding_parts_with_margins_and_a_preregistration():
     for name in base.experiment_names():
         exp = get_experiment(name)

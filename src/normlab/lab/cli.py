@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=_positive_int,
         default=None,
-        help="processes of the local pool (default: CPU count) or CPUs of a Ray instance started here",
+        help="processes of the local pool (default: CPUs / the runs' threads) or CPUs of a Ray instance started here",
     )
     s.add_argument(
         "--ray-address",

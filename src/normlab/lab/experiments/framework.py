@@ -51,6 +51,7 @@ import dataclasses
 import functools
 import importlib
 import math
+import os
 import pkgutil
 import re
 import shlex
@@ -525,7 +526,8 @@ def run_experiment(
 
     ``executor`` / ``workers`` / ``address`` choose where the runs run
     (``"sequential"``, a ``"local"`` process pool, or ``"ray"``); see
-    :func:`normlab.lab.executors.sweep`. Under ``torchrun`` only rank 0 writes
+    :func:`normlab.lab.executors.sweep`. A local pool has, unless ``workers``
+    says otherwise, the CPU count divided by the config's ``threads``. Under ``torchrun`` only rank 0 writes
     the verdict and the figures.
     """
     from normlab.lab import launch
@@ -536,6 +538,8 @@ def run_experiment(
     launch.join_from_env(device)  # torchrun: join once, with the backend of this device (nccl for CUDA)
     main = launch.is_main_process()
     store = RunStore(root)
+    if executor == "local" and workers is None:
+        workers = _pool_size(cfg.threads)
     rounds = _run_rounds(
         exp, cfg, scale, device, store, progress and main, executor=executor, workers=workers, address=address
     )
@@ -552,6 +556,16 @@ def run_experiment(
         _write_verdict(result, exp, overrides, seeds, device, rounds, len(stale))
     result.wall_time = time.time() - t0
     return result
+
+
+def _pool_size(threads: int | None) -> int:
+    """Processes of a local pool whose runs use ``threads`` torch threads each: the CPU count divided by it.
+
+    Two 2-thread runs on a 2-core machine do not run twice as fast as one: their
+    OpenMP threads spin against each other and every run is several times
+    slower than alone.
+    """
+    return max(1, (os.cpu_count() or 1) // max(1, int(threads or 1)))
 
 
 @dataclass
