@@ -68,6 +68,24 @@ def _part_text(p: dict) -> str:
     return text
 
 
+def _what_decides(v: dict) -> str:
+    """An inconclusive claim: how many seeds would decide its open deciding parts, as its verdict estimates."""
+    if v["status"] != "inconclusive":
+        return ""
+    open_parts = [p for p in v["parts"] if p["decides"] and p["status"] == "inconclusive"]
+    known = [p["seeds_to_decide"] for p in open_parts if p.get("seeds_to_decide")]
+    unknown = [f"`{p['name']}`" for p in open_parts if not p.get("seeds_to_decide")]
+    text = f"<br>budget {v['config'].get('max_seeds', v['seeds'])} seeds spent;"
+    if known:
+        text += f" ≈{max(known)} seeds per arm would decide {'it' if not unknown else 'the rest'}"
+    if unknown:
+        text += (
+            f"{';' if known else ''} no seed count can be estimated for {', '.join(unknown)}: the observed effect "
+            "is at the margin or at zero, where no number of seeds is sure to decide"
+        )
+    return text
+
+
 def _recheck_text(v: dict) -> str:
     r = v.get("recheck")
     if not r:
@@ -123,7 +141,8 @@ def claims_block(suite: dict | None, verdicts: dict[str, dict], titles: dict[str
             f"[{Path(f).stem}]({FIGURE_LINK}/{v['experiment']}/{Path(f).name})" for f in v.get("figures", [])
         )
         lines.append(
-            f"| {v['claim']} | {_cell(titles.get(v['experiment'], v['title']))} | **{v['status']}** | {deciding} "
+            f"| {v['claim']} | {_cell(titles.get(v['experiment'], v['title']))} | **{v['status']}**{_what_decides(v)} "
+            f"| {deciding} "
             f"| {v['seeds']} | {v['wall_time']:.0f} s | {_recheck_text(v)} | {figs} |"
         )
     return "\n".join(lines)
