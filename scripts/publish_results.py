@@ -90,8 +90,12 @@ def _recheck_text(v: dict) -> str:
     r = v.get("recheck")
     if not r:
         return "not rechecked"
-    same = r.get("same_parts") and r.get("same_claim")
-    return f"{'same' if same else '**different**'} ({r['threads_before']}→{r['threads']} threads)"
+    threads = f"{r['threads_before']}→{r['threads']} threads"
+    if r.get("same_parts") and r.get("same_claim"):
+        return f"same ({threads})"
+    claim = "claim same" if r.get("same_claim") else f"**claim {r['status_before']} → {r['status_after']}**"
+    moved = "; ".join(f"`{k}` {a} → {b}" for k, (a, b) in r.get("parts", {}).items() if a != b)
+    return f"{claim}; **{moved}** ({threads})"
 
 
 def _power_line() -> str:
@@ -116,14 +120,16 @@ def claims_block(suite: dict | None, verdicts: dict[str, dict], titles: dict[str
     counts = ", ".join(f"{k}: {v}" for k, v in suite["counts"].items())
     rechecked = [v for v in verdicts.values() if v.get("recheck")]
     same = sum(1 for v in rechecked if v["recheck"].get("same_parts") and v["recheck"].get("same_claim"))
+    same_claim = sum(1 for v in rechecked if v["recheck"].get("same_claim"))
     m = suite["machine"]
     lines = [
         f"Measured by `normlab run --all` (scale {suite['scale']}, {suite['executor']} executor, "
         f"{suite.get('workers') or m.get('cores')} worker processes, 1 thread per run) on {suite['time'][:10]}, on "
         f"{m.get('cores')} cores ({m.get('cpu')}), at git {str(suite.get('git_revision'))[:12]}: {n} claims in "
         f"**{suite['wall_time'] / 60:.1f} minutes** — {counts}. Rechecked from scratch with 2 threads per run "
-        f"(`normlab run <claim> --recheck`): {same} of {len(rechecked)} verdicts reached the same decision in every "
-        f"part. Intervals are 95 % (the decisions use the Holm/Bonferroni-adjusted level stored beside them); "
+        f"(`normlab run <claim> --recheck`): {same_claim} of {len(rechecked)} claims reached the same verdict, "
+        f"{same} of them the same decision in every part. "
+        f"Intervals are 95 % (the decisions use the Holm/Bonferroni-adjusted level stored beside them); "
         f"effects of log-scale parts are ratios (×).",
         "",
         _power_line(),
@@ -246,7 +252,7 @@ def bench_block() -> str:
         f"* lab-style training step ≤ 1.05× (BN, GN, LN): {', '.join(f'{v:.2f}×' for v in lab)} — "
         f"{_target(all(v <= 1.05 for v in lab))}",
         f"* LayerNorm/GroupNorm peak memory ≤ torch's: "
-        f"{', '.join('{:.0f} vs {:.0f} MiB'.format(r['normlab_peak'], r['torch_peak']) for r in peak)} — "
+        f"{', '.join('{:.2f} vs {:.2f} MiB'.format(r['normlab_peak'], r['torch_peak']) for r in peak)} — "
         f"{_target(all(r['normlab_peak'] <= r['torch_peak'] for r in peak))}",
     ]
     if cl16 is not None:
