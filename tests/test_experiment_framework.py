@@ -157,6 +157,32 @@ def test_runs_made_by_other_source_code_are_flagged_not_silently_reused(toy, tmp
     assert json.loads(res.verdict_path.read_text())["stale_runs"] == 1
 
 
+def test_the_source_hash_covers_the_kernel_bodies_and_nothing_else(tmp_path):
+    """The C kernels' bodies live in csrc/*.inc: changing one must change the hash stored with every run."""
+    import hashlib
+    from pathlib import Path
+
+    import normlab
+    from normlab.lab.provenance import source_hash, tree_hash
+
+    pkg = Path(normlab.__file__).resolve().parent
+    assert (pkg / "csrc" / "norm_kernels.inc").is_file()
+    for name, text in [("a.py", "x = 1\n"), ("csrc/k.c", "int f;\n"), ("csrc/k.inc", "T g;\n"), ("notes.txt", "x\n")]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    before = tree_hash(tmp_path)
+    expected = hashlib.sha256()  # an independent computation over the three source files, sorted by path
+    for name in ["a.py", "csrc/k.c", "csrc/k.inc"]:
+        expected.update(name.encode())
+        expected.update((tmp_path / name).read_bytes())
+    assert before == expected.hexdigest()[:12]
+    (tmp_path / "notes.txt").write_text("changed\n")
+    assert tree_hash(tmp_path) == before  # not a source file
+    (tmp_path / "csrc" / "k.inc").write_text("T h;\n")
+    assert tree_hash(tmp_path) != before
+    assert source_hash() == tree_hash(pkg)
+
+
 def test_run_passes_the_configs_data_dir_to_the_dataset_and_load_data_is_what_train_loads(tmp_path):
     from dataclasses import dataclass as dc
 
@@ -292,3 +318,21 @@ def test_run_all_runs_every_claim_and_writes_the_suite(toy, tmp_path, monkeypatc
     assert suite["counts"] == {"holds": 1, "does not hold": 0, "inconclusive": 0}
     stored = json.loads((tmp_path / "suite.json").read_text())
     assert stored["claims"][0]["status"] == "holds" and stored["wall_time"] > 0
+
+
+def test_run_all_with_recheck_reports_each_recheck_and_the_cli_prints_it(toy, tmp_path, monkeypatch, capsys):
+    from normlab.lab.cli import main
+
+    monkeypatch.setattr(base, "experiment_names", lambda include_examples=True: ["test-toy"])
+    seen = []
+    suite = base.run_all(
+        "quick", tmp_path / "a", progress=False, executor="sequential", recheck=True,
+        on_recheck=lambda name, out: seen.append((name, out["same_parts"], out["threads"])),
+    )  # fmt: skip
+    assert seen == [("test-toy", True, 2)] and suite["claims"][0]["recheck_same"] is True
+    assert suite["recheck_wall_time"] >= 0
+    monkeypatch.setattr("normlab.lab.report.build_report", lambda root: "report.html")
+    args = ["run", "--all", "--recheck", "--root", str(tmp_path / "b"), "--executor", "sequential", "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "test-toy: rerun from scratch with 2 thread(s) instead of 1, 3 seeds: the same decisions" in out

@@ -523,7 +523,7 @@ def _run_all(args) -> int:
         raise _UsageError("--all runs every claim at its scale's settings: drop --seeds and --set")
     suite = run_all(
         args.scale, args.root, device=args.device, executor=args.executor,
-        workers=args.workers, recheck=args.recheck, on_result=_print_verdict,
+        workers=args.workers, recheck=args.recheck, on_result=_print_verdict, on_recheck=_print_recheck,
     )  # fmt: skip
     print(f"{len(suite['claims'])} claims in {suite['wall_time'] / 60:.1f} min: {suite['counts']}")
     print(f"report: {build_report(args.root)}")

@@ -42,25 +42,30 @@ def git_revision(path: str | os.PathLike | None = None) -> str | None:
 
 
 _SOURCE_HASH: str | None = None
+_SOURCE_SUFFIXES = (".py", ".c", ".inc")  # the kernels' bodies are in csrc/norm_kernels.inc
 
 
 def source_hash() -> str:
-    """A short hash of normlab's own source files (``*.py`` and ``*.c`` under the package).
+    """A short hash of normlab's own source files (``*.py``, ``*.c`` and ``*.inc`` under the package).
 
     Stored with every run so that runs made by different code are told apart
     even when the git revision is not (uncommitted or untracked changes).
     """
     global _SOURCE_HASH
     if _SOURCE_HASH is None:
-        import hashlib
-
-        pkg = Path(__file__).resolve().parents[1]
-        h = hashlib.sha256()
-        for f in sorted(p for p in pkg.rglob("*") if p.suffix in (".py", ".c") and "__pycache__" not in p.parts):
-            h.update(str(f.relative_to(pkg)).encode())
-            h.update(f.read_bytes())
-        _SOURCE_HASH = h.hexdigest()[:12]
+        _SOURCE_HASH = tree_hash(Path(__file__).resolve().parents[1])
     return _SOURCE_HASH
+
+
+def tree_hash(folder: Path) -> str:
+    """12 hex digits of a SHA-256 over the names and bytes of the source files under ``folder``, in sorted order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.suffix in _SOURCE_SUFFIXES and "__pycache__" not in p.parts):
+        h.update(str(f.relative_to(folder)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def _device_used(device: Any) -> str | None:

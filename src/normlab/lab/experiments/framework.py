@@ -724,12 +724,15 @@ def run_all(
     workers: int | None = None,
     recheck: bool = False,
     on_result: Callable[[ExperimentResult], None] | None = None,
+    on_recheck: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Every registered claim at ``scale``, one after the other (each on ``executor``), then ``<root>/suite.json``.
 
     With ``recheck=True`` each claim is also rechecked (:func:`recheck_experiment`)
     right after its run; the recheck's time is counted apart from the suite's.
-    ``on_result`` is called with each :class:`ExperimentResult` as it is ready.
+    ``on_result`` is called with each :class:`ExperimentResult` as it is ready,
+    ``on_recheck`` with each claim's name and its recheck (what
+    :func:`recheck_experiment` returns).
     Returns what ``suite.json`` holds: per claim its status, seeds and wall time,
     the counts of each status, and the total wall time of the runs.
     """
@@ -753,6 +756,8 @@ def run_all(
             r0 = time.time()
             out = recheck_experiment(name, root, device=device, progress=progress, executor=executor, workers=workers)
             recheck_time += time.time() - r0
+            if on_recheck is not None:
+                on_recheck(name, out)
             entry["recheck_same"] = bool(out["same_parts"] and out["same_claim"])
         claims.append(entry)
     wall = time.time() - t0 - recheck_time
