@@ -278,6 +278,17 @@ def measure_steps(reps: int, quick: bool, compiled: bool, eager: bool = True):
     return rows
 
 
+def _time_table(title: str, unit: str, digits: int, rows: list[dict]) -> list[str]:
+    """Markdown lines of a time-only table: layer, shape, both times in ``unit`` and the ratio normlab / torch."""
+    out = [title, "", f"| layer | shape | torch {unit} | normlab {unit} | ratio |", "|---|---|---:|---:|---:|"]
+    out += [
+        f"| {r['name']} | {'×'.join(map(str, r['shape']))} | {r['torch']:.{digits}f} | {r['normlab']:.{digits}f} "
+        f"| **{r['normlab'] / r['torch']:.2f}** |"
+        for r in rows
+    ]
+    return [*out, ""]
+
+
 def tables(results: dict) -> str:
     """The results as Markdown tables (what the script prints, and what the README's benchmark block shows)."""
     out = [f"{results['meta']['header']}", ""]
@@ -297,23 +308,9 @@ def tables(results: dict) -> str:
         ratios = sorted(r["normlab"] / r["torch"] for r in layers)
         out += ["", f"median ratio {statistics.median(ratios):.2f}, worst {max(ratios):.2f} (normlab / torch)", ""]
     if results.get("tiny"):
-        out += ["Tiny tensors (per-call cost), train-mode forward+backward:", ""]
-        out += ["| layer | shape | torch µs | normlab µs | ratio |", "|---|---|---:|---:|---:|"]
-        out += [
-            f"| {r['name']} | {'×'.join(map(str, r['shape']))} | {r['torch']:.0f} | {r['normlab']:.0f} "
-            f"| **{r['normlab'] / r['torch']:.2f}** |"
-            for r in results["tiny"]
-        ]
-        out.append("")
+        out += _time_table("Tiny tensors (per-call cost), train-mode forward+backward:", "µs", 0, results["tiny"])
     if results.get("bf16"):
-        out += ["bfloat16, train-mode forward+backward:", ""]
-        out += ["| layer | shape | torch ms | normlab ms | ratio |", "|---|---|---:|---:|---:|"]
-        out += [
-            f"| {r['name']} | {'×'.join(map(str, r['shape']))} | {r['torch']:.2f} | {r['normlab']:.2f} "
-            f"| **{r['normlab'] / r['torch']:.2f}** |"
-            for r in results["bf16"]
-        ]
-        out.append("")
+        out += _time_table("bfloat16, train-mode forward+backward:", "ms", 2, results["bf16"])
     if results.get("steps"):
         out += [
             "Training steps (forward, loss, backward, SGD step), the same model with torch.nn's or normlab's norms:"
