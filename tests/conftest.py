@@ -20,14 +20,21 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=["native", "tensor-ops"])
+@pytest.fixture(params=["native", "native-python", "tensor-ops"])
 def backend(request, monkeypatch):
-    """Run a test on both CPU backends: the compiled kernels and the tensor-op kernels."""
+    """Run a test on every CPU path: the compiled kernels in the C++ eager operators ("native"), the same
+    kernels through the Python autograd path that serves when the C++ operators cannot be built
+    ("native-python"), and the tensor-op kernels."""
     from normlab import _native
 
     if request.param == "native":
+        if not _native.eager_ops():
+            pytest.skip("the C++ eager operators are unavailable (no C++ compiler)")
+    elif request.param == "native-python":
         if _native.library() is None:
             pytest.skip("native kernels unavailable (no C compiler)")
+        monkeypatch.setattr(_native, "eager_ops", lambda: False)
     else:
         monkeypatch.setattr(_native, "usable", lambda *tensors: False)
+        monkeypatch.setattr(_native, "eager_ops", lambda: False)
     return request.param

@@ -16,6 +16,12 @@ leftovers of a compile killed midway are removed. If no compiler is found or
 the build fails, normlab warns once and uses the tensor-op path.
 ``NORMLAB_NATIVE=0`` turns the native path off.
 
+The same kernels are also linked, with ``csrc/eager_ops.cpp``, into a second library: the
+C++ eager operators (:func:`eager_ops`), built with the system C++ compiler against the
+running PyTorch's headers and loaded with ``torch.ops.load_library``. It is built, cached
+and checked the same way; when it cannot be built, normlab warns once and the layers run
+the kernels through Python instead.
+
 OpenMP: the library links the ``libgomp.so.1`` that PyTorch's CPU build has
 already loaded, so both share one thread pool; the thread count is
 ``torch.get_num_threads()``.
@@ -48,7 +54,7 @@ _SOURCES = (_SOURCE, _CSRC / "norm_kernels.inc")  # the .c includes the .inc: bo
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _MIN_PARALLEL = 1 << 15  # elements below which one thread is faster
 _STRAY_AGE = 600.0  # seconds after which a build leftover is taken as abandoned (a concurrent build is younger)
-_lock = threading.Lock()
+_lock = threading.RLock()  # eager_ops() builds under it and calls library()
 _lib: ctypes.CDLL | None = None
 _tried = False
 
@@ -164,6 +170,103 @@ def _build() -> ctypes.CDLL:
             f"could not load the compiled kernels {out} ({e}); delete {out} and {_checksum_path(out)} "
             "and normlab rebuilds them"
         ) from None
+
+
+# --------------------------------------------------------------------------- the C++ eager operators
+
+_EAGER_SOURCE = _CSRC / "eager_ops.cpp"
+_CXX_FLAGS = ["-O2", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w"]
+_eager_state: dict[str, object] = {}  # "loaded": bool once tried
+
+
+def _cxx_compiler() -> str | None:
+    for cxx in (os.environ.get("CXX"), "c++", "g++"):
+        if cxx and shutil.which(cxx):
+            return cxx
+    return None
+
+
+def _torch_build_args() -> list[str]:
+    """Include and link arguments for PyTorch's own headers and libraries (those of the running torch)."""
+    root = Path(torch.__file__).parent
+    return [
+        f"-I{root / 'include'}",
+        f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        f"-L{root / 'lib'}",
+        f"-Wl,-rpath,{root / 'lib'}",
+    ]
+
+
+def _compile_eager(cc: str, cxx: str, out: Path) -> None:
+    """Compile the C kernels and the C++ operators into one library in a private folder, then publish it."""
+    build = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
+    try:
+        obj, tmp = build / "norm_kernels.o", build / out.name
+        steps = [
+            [cc, *[f for f in _FLAGS if f != "-shared"], "-c", "-o", str(obj), str(_SOURCE)],
+            [cxx, *_CXX_FLAGS, "-o", str(tmp), str(_EAGER_SOURCE), str(obj), *_torch_build_args()]
+            + ["-lc10", "-ltorch_cpu", "-ltorch", "-lm"],
+        ]
+        for cmd in steps:
+            try:
+                subprocess.run(cmd, check=True, capture_output=True, text=True)
+            except subprocess.CalledProcessError as e:
+                raise RuntimeError(f"{cmd[0]} failed: {e.stderr.strip()[:500]}") from None
+        data = tmp.read_bytes()
+        atomic_write(out, data)
+        atomic_write(_checksum_path(out), _digest(data) + "\n")
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def _build_eager() -> None:
+    cc, cxx = _compiler(), _cxx_compiler()
+    if cc is None or cxx is None:
+        raise RuntimeError("no C and C++ compiler found (set $CC and $CXX, or install gcc and g++)")
+    src = b"".join(p.read_bytes() for p in (*_SOURCES, _EAGER_SOURCE))
+    salt = " ".join([cc, cxx, *_FLAGS, *_CXX_FLAGS, torch.__version__, str(Path(torch.__file__).parent)])
+    key = hashlib.sha256(src + salt.encode() + _cpu_key().encode()).hexdigest()[:16]
+    out = _cache_dir() / f"eager_ops-{key}.so"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_strays(out.parent)
+    if not _verified(out):
+        _compile_eager(cc, cxx, out)
+    try:
+        torch.ops.load_library(str(out))  # loaded once: loading registers the operators
+    except OSError as e:
+        raise RuntimeError(
+            f"could not load the compiled operators {out} ({e}); delete {out} and {_checksum_path(out)} "
+            "and normlab rebuilds them"
+        ) from None
+
+
+def eager_ops() -> bool:
+    """True when ``normlab::batch_norm_eager``/``row_norm_eager`` (csrc/eager_ops.cpp) are loaded.
+
+    Built on first use beside the C kernels (same cache, checksums and atomic publication), with the system
+    C++ compiler and the running PyTorch's headers; a failed build warns once and leaves the Python path.
+    """
+    loaded = _eager_state.get("loaded")
+    if loaded is not None:
+        return loaded  # type: ignore[return-value]
+    with _lock:
+        if "loaded" not in _eager_state:
+            ok = False
+            if library() is not None:  # NORMLAB_NATIVE=0 or no C kernels: no operators either
+                try:
+                    _build_eager()
+                    ok = True
+                except Exception as e:  # no C++ compiler, no headers, failed build or load
+                    warnings.warn(
+                        f"normlab: the C++ eager operators are unavailable ({e}); the layers use the Python path, "
+                        "which is correct but costs more per call on small tensors. Install a C++ compiler "
+                        "(g++), or set NORMLAB_NATIVE=0 to silence this.",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+            _eager_state["loaded"] = ok
+    return _eager_state["loaded"]  # type: ignore[return-value]
 
 
 def library() -> ctypes.CDLL | None:

@@ -34,12 +34,21 @@ tensor ops instead (see ``functional._under_functorch``).
 The operators take float32 and float64 tensors (half inputs are converted by the
 callers, which accumulate in float32) and contiguous inputs.
 
-Eager calls on plain CPU tensors skip the dispatcher: :func:`batch_norm_forward`,
-:func:`row_norm_forward` and :func:`update_running_stats` run the very same
-implementations, setup and backward through a ``torch.autograd.Function``,
-which costs a few Python layers less per call (what decides the speed of small
-layers). Anything that traces (``torch.compile``, ``torch.export``, fake or
-functional tensors, a dispatch mode) gets the operators.
+Eager calls on plain CPU tensors take a shorter road, because on small tensors the Python
+around a kernel costs more than the kernel:
+
+* float32/float64 tensors that the compiled kernels take run the C++ operators
+  ``normlab::batch_norm_eager`` and ``normlab::row_norm_eager`` (``csrc/eager_ops.cpp``,
+  built on first use by :mod:`normlab._native`): the same kernels and the same contract, on
+  the input in its own shape and memory format, with the backward a C++ autograd node (a
+  recorded backward calls ``normlab::norm_backward_graph``, the formula of
+  :func:`normlab.autograd.norm_backward`, so there is one);
+* otherwise (no C++ compiler, other dtypes), :func:`batch_norm_forward`,
+  :func:`row_norm_forward` and :func:`update_running_stats` run the very same
+  implementations, setup and backward through a ``torch.autograd.Function``.
+
+Anything that traces (``torch.compile``, ``torch.export``, fake or functional tensors, a
+dispatch mode) gets the operators.
 """
 
 from __future__ import annotations
@@ -62,6 +71,9 @@ __all__ = [
     "batch_norm_forward",
     "row_norm_forward",
     "update_running_stats",
+    "eager_fast",
+    "batch_norm_eager",
+    "row_norm_eager",
     "ema_weight",
 ]
 
@@ -78,6 +90,10 @@ _lib.define(
 _lib.define(
     "row_norm_bwd(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, int red, "
     "bool centered, bool[3] need) -> (Tensor, Tensor, Tensor)"
+)
+_lib.define(
+    "norm_backward_graph(Tensor grad, Tensor x, Tensor? weight, float eps, int[] dims, bool centered, bool[3] need, "
+    "int[]? affine_shape) -> (Tensor, Tensor, Tensor)"
 )
 _lib.define(
     "update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!) num_batches_tracked, "
@@ -113,6 +129,17 @@ def _row_norm_bwd(grad, x, mean, invstd, weight, bias, red: int, centered: bool,
     return _empty_unneeded(dx, x), _empty_unneeded(dw, x), _empty_unneeded(db, x)
 
 
+def _norm_backward_graph(grad, x, weight, eps: float, dims: list[int], centered: bool, need: list[bool], affine_shape):
+    """:func:`normlab.autograd.norm_backward` as an operator: what the C++ nodes of csrc/eager_ops.cpp call when
+    their backward is recorded (``create_graph=True``); unneeded gradients come back empty."""
+    from normlab.autograd import norm_backward
+
+    shape = None if affine_shape is None else torch.Size(affine_shape)
+    dx, dw, db = norm_backward(grad, x, weight, eps, tuple(dims), centered, tuple(need), shape)
+    return _empty_unneeded(dx, x), _empty_unneeded(dw, x), _empty_unneeded(db, x)
+
+
+_lib.impl("norm_backward_graph", _norm_backward_graph, "CompositeImplicitAutograd")
 _lib.impl("batch_norm_fwd", _batch_norm_fwd, "CompositeExplicitAutograd")
 _lib.impl("batch_norm_bwd", _batch_norm_bwd, "CompositeExplicitAutograd")
 _lib.impl("row_norm_fwd", _row_norm_fwd, "CompositeExplicitAutograd")
@@ -394,6 +421,38 @@ def row_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
     if _eager(x):
         return _EagerRowNorm.apply(x, weight, bias, eps, red, centered)
     return row_norm_fwd(x, weight, bias, eps, red, centered)
+
+
+def eager_fast(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """True when the C++ eager operators (``csrc/eager_ops.cpp``) take this call.
+
+    An eager call (:func:`_eager`) on a non-empty float32/float64 CPU tensor, with parameters of its
+    dtype, contiguous, on the CPU, and the compiled kernels usable and the operators built. The
+    memory layout of ``x`` is the caller's to check (each operator takes its own).
+    """
+    if not (_eager(x) and x.dtype in _native._DTYPES and x.numel()):
+        return False
+    for t in (weight, bias):
+        if t is not None and (t.dtype != x.dtype or not t.is_cpu or not t.is_contiguous()):
+            return False
+    return _native.eager_ops()
+
+
+def batch_norm_eager(x: Tensor, weight, bias, eps: float, dim: int, layout: tuple[int, int, int]):
+    """``normlab::batch_norm_eager``: ``batch_norm_fwd`` on ``x`` itself, whose memory is ``layout`` = (A, C, B).
+
+    ``(y, mean, var, invstd)`` with ``y`` in ``x``'s shape and memory format; only after :func:`eager_fast`.
+    """
+    return torch.ops.normlab.batch_norm_eager.default(x, weight, bias, eps, dim, layout)
+
+
+def row_norm_eager(x: Tensor, weight, bias, eps: float, centered: bool, view, red: int, layout, affine_shape):
+    """``normlab::row_norm_eager``: ``row_norm_fwd`` on contiguous ``x`` seen as ``view`` (statistics keep its shape).
+
+    ``weight``/``bias`` as the layer holds them, ``affine_shape`` their broadcast shape against ``view``,
+    ``layout`` the kernels' (R, K, G, L); ``y`` in ``x``'s shape. Only after :func:`eager_fast`.
+    """
+    return torch.ops.normlab.row_norm_eager.default(x, weight, bias, eps, centered, view, red, layout, affine_shape)
 
 
 def update_running_stats(

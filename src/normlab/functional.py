@@ -207,6 +207,18 @@ def check_mask(mask: Tensor, input: Tensor, dim: int, who: str = "batch_norm") -
 # --------------------------------------------------------------------------- batch norm
 
 
+def _column_layout(x: Tensor, dim: int) -> tuple[int, int, int] | None:
+    """``x``'s memory as (A, C, B) with C the feature axis: contiguous, or channels-last (C moved last is
+    contiguous, then B = 1); ``None`` for any other layout."""
+    shape = x.shape
+    c, a, b = shape[dim], math.prod(shape[:dim]), math.prod(shape[dim + 1 :])
+    if x.is_contiguous():
+        return a, c, b
+    if x.movedim(dim, -1).is_contiguous():
+        return a * b, c, 1
+    return None
+
+
 def _column_view(x: Tensor, dim: int):
     """View ``x`` as (A, C, B) with C the feature axis, without copying when possible.
 
@@ -414,6 +426,11 @@ def _batch_norm_train(x: Tensor, dim: int, weight, bias, eps: float):
             x, _affine_view(weight, c, dim, nd), _affine_view(bias, c, dim, nd), dims, eps, True
         )
         return y, mean.detach().reshape(c), var.detach().reshape(c)
+    if _ops.eager_fast(x, weight, bias):
+        layout = _column_layout(x, dim)
+        if layout is not None:
+            y, mean, var, _ = _ops.batch_norm_eager(x, weight, bias, eps, dim, layout)
+            return y, mean, var
     x3, back = _column_view(x, dim)
     y3, mean, var, _ = _ops.batch_norm_forward(x3, weight, bias, eps)
     return back(y3), mean, var
@@ -450,14 +467,41 @@ def _masked_batch_norm(x: Tensor, mask: Tensor, dim: int, weight, bias, eps: flo
 # --------------------------------------------------------------------------- row norms
 
 
-def _row_norm(x: Tensor, view: Sequence[int], red: int, weight, bias, eps: float, centered: bool):
+def _row_layout(view: Sequence[int], red: int, affine_shape: Sequence[int], affine: bool) -> tuple[int, ...]:
+    """The kernels' (R, K, G, L) for ``x`` seen as ``view``, normalised over its trailing ``red`` dims.
+
+    R rows of K elements; the affine parameter (broadcast shape ``affine_shape``) of element k of row r
+    is index (r % G) * (K / L) + k / L: G counts its distinct values along the leading dims after the
+    first, L the trailing normalised elements that share one value (as ``_native.row_layout``).
+    """
+    lead, inner = view[: len(view) - red], view[len(view) - red :]
+    r, k = math.prod(lead), math.prod(inner)
+    if not affine:
+        return r, k, 1, max(k, 1)
+    g = math.prod(affine_shape[1 : len(lead)])
+    l = 1
+    for d, a in zip(reversed(inner), reversed(affine_shape[len(lead) :])):
+        if a != 1:
+            break
+        l *= d
+    return r, k, g, l
+
+
+def _row_norm(x: Tensor, view: Sequence[int], red: int, weight, bias, eps: float, centered: bool, affine_shape):
     """Normalise ``x`` viewed as ``view`` over its trailing ``red`` dims; returns y, mean, var.
 
-    ``weight``/``bias`` broadcast against ``view`` with size 1 on dim 0.
+    ``weight``/``bias`` as the layer holds them; ``affine_shape`` is their broadcast shape against
+    ``view`` (size 1 on dim 0).
     """
     if x.dtype in _HALF:
-        y, mean, var = _row_norm(x.float(), view, red, _f32(weight), _f32(bias), eps, centered)
+        y, mean, var = _row_norm(x.float(), view, red, _f32(weight), _f32(bias), eps, centered, affine_shape)
         return y.to(x.dtype), mean, var
+    if not _composite() and x.is_contiguous() and _ops.eager_fast(x, weight, bias):
+        layout = _row_layout(view, red, affine_shape, weight is not None or bias is not None)
+        y, mean, var, _ = _ops.row_norm_eager(x, weight, bias, eps, centered, view, red, layout, affine_shape)
+        return y, mean, var
+    weight = None if weight is None else weight.view(affine_shape)
+    bias = None if bias is None else bias.view(affine_shape)
     xv = x.reshape(view)
     if _composite():
         y, mean, var = _norm_in_tensor_ops(xv, weight, bias, tuple(range(xv.dim() - red, xv.dim())), eps, centered)
@@ -504,9 +548,7 @@ def layer_norm(
     if torch.onnx.is_in_onnx_export():  # the standard LayerNormalization node
         return F.layer_norm(input, ns, weight, bias, eps)
     lead = input.numel() // max(math.prod(ns), 1)
-    w = None if weight is None else weight.view(1, *ns)
-    b = None if bias is None else bias.view(1, *ns)
-    return _row_norm(input, (lead, *ns), len(ns), w, b, eps, True)[0]
+    return _row_norm(input, (lead, *ns), len(ns), weight, bias, eps, True, (1, *ns))[0]
 
 
 def rms_norm(
@@ -526,8 +568,7 @@ def rms_norm(
     if torch.onnx.is_in_onnx_export():  # the standard RMSNormalization node (opset 23)
         return F.rms_norm(input, ns, weight, eps)
     lead = input.numel() // max(math.prod(ns), 1)
-    w = None if weight is None else weight.view(1, *ns)
-    return _row_norm(input, (lead, *ns), len(ns), w, None, eps, False)[0]
+    return _row_norm(input, (lead, *ns), len(ns), weight, None, eps, False, (1, *ns))[0]
 
 
 def group_norm(
@@ -562,9 +603,7 @@ def group_norm(
         return F.group_norm(input, num_groups, weight, bias, eps)
     cg = c // num_groups
     spatial = math.prod(input.shape[2:])
-    w = None if weight is None else weight.view(1, num_groups, cg, 1)
-    b = None if bias is None else bias.view(1, num_groups, cg, 1)
-    y = _row_norm(input, (n, num_groups, cg, spatial), 2, w, b, eps, centered)[0]
+    y = _row_norm(input, (n, num_groups, cg, spatial), 2, weight, bias, eps, centered, (1, num_groups, cg, 1))[0]
     return _like_layout(y, input)
 
 
@@ -614,9 +653,7 @@ def instance_norm(
         raise ValueError(
             f"instance_norm: expected more than 1 spatial element per channel, got input shape {tuple(input.shape)}"
         )
-    w = None if weight is None else weight.view(1, c, 1)
-    b = None if bias is None else bias.view(1, c, 1)
-    y, mean, var = _row_norm(input, (n, c, spatial), 1, w, b, eps, True)
+    y, mean, var = _row_norm(input, (n, c, spatial), 1, weight, bias, eps, True, (1, c, 1))
     if running_mean is not None and running_var is not None and y.numel() and not _under_functorch():
         mean = mean.view(n, c).mean(0)
         var = (var.view(n, c) * (spatial / (spatial - 1))).mean(0)
