@@ -24,6 +24,12 @@ from normlab import _ops
 C = 3
 
 
+@pytest.fixture(autouse=True)
+def _every_backend(backend):
+    """Every convention on each CPU path: the C++ operators (the training step in one call), the same kernels
+    through Python (the running-statistics operator), and the tensor-op kernels."""
+
+
 def _batches(k=5, shapes=None, seed=0):
     rng = np.random.default_rng(seed)
     shapes = shapes or [(6, C, 4)] * k

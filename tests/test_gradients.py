@@ -11,7 +11,7 @@ from normlab import reference as R
 
 @pytest.fixture(autouse=True)
 def _both_backends(backend):
-    """Every test here runs on the compiled kernels and on the tensor-op kernels."""
+    """Every test here runs on each CPU path (see the `backend` fixture in conftest.py)."""
 
 
 def _registered():

@@ -12,7 +12,7 @@ import normlab
 
 @pytest.fixture(autouse=True)
 def _both_backends(backend):
-    """Every test here runs on the compiled kernels and on the tensor-op kernels."""
+    """Every test here runs on each CPU path (see the `backend` fixture in conftest.py)."""
 
 
 DTYPES = [torch.float32, torch.float64]

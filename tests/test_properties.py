@@ -12,7 +12,7 @@ import normlab.functional as NF
 
 @pytest.fixture(autouse=True)
 def _both_backends(backend):
-    """Every test here runs on the compiled kernels and on the tensor-op kernels."""
+    """Every test here runs on each CPU path (see the `backend` fixture in conftest.py)."""
 
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -73,7 +73,9 @@ __all__ = [
     "update_running_stats",
     "eager_fast",
     "batch_norm_eager",
+    "batch_norm_train_eager",
     "row_norm_eager",
+    "ema_args",
     "ema_weight",
 ]
 
@@ -182,6 +184,17 @@ def ema_weight(
     return m
 
 
+def ema_args(
+    momentum: float | None, num_batches_tracked: Tensor, n: float, decay: bool, debias: bool, unbiased: bool
+) -> tuple[float, float]:
+    """On the CPU: the new batch's weight (:func:`ema_weight`) and the factor of its variance (``n / (n - 1)``
+    when ``unbiased``) for a batch of ``n`` values per feature. Reads ``num_batches_tracked`` only when the
+    weight depends on the step (cumulative average, debiasing)."""
+    step = int(num_batches_tracked) + 1 if momentum is None or debias else 1
+    weight = ema_weight(momentum, step, convention="decay" if decay else "torch", debias=debias)
+    return weight, (n / (n - 1) if unbiased and n > 1 else 1.0)
+
+
 _warned: set[str] = set()
 
 
@@ -225,8 +238,7 @@ def _update_running_stats_(
         if n == 0:  # an empty batch: nothing to average in, counted as torch.nn counts it
             num_batches_tracked.add_(1)
             return
-        weight = ema_weight(momentum, int(num_batches_tracked) + 1, convention=convention, debias=debias)
-        scale = n / (n - 1) if unbiased and n > 1 else 1.0
+        weight, scale = ema_args(momentum, num_batches_tracked, n, decay, debias, unbiased)
         if _native.usable(mean, var, running_mean, running_var):
             status = _native.ema_update(running_mean, running_var, mean, var, weight, scale)
         else:
@@ -426,12 +438,12 @@ def row_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
 def eager_fast(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
     """True when the C++ eager operators (``csrc/eager_ops.cpp``) take this call.
 
-    An eager call (:func:`_eager`) on a non-empty float32/float64 CPU tensor, with parameters of its
-    dtype, contiguous, on the CPU, and the compiled kernels usable and the operators built. The
+    An eager call (:func:`_eager`, outside ``torch.func`` transforms) on a non-empty float32/float64
+    CPU tensor, with parameters of its dtype, contiguous, on the CPU, and the operators built. The
     memory layout of ``x`` is the caller's to check (each operator takes its own).
     """
-    if not (_eager(x) and x.dtype in _native._DTYPES and x.numel()):
-        return False
+    if not (_eager(x) and x.dtype in _native._DTYPES and x.numel()) or torch._C._are_functorch_transforms_active():
+        return False  # (torch.func transforms cannot see into a C++ autograd node)
     for t in (weight, bias):
         if t is not None and (t.dtype != x.dtype or not t.is_cpu or not t.is_contiguous()):
             return False
@@ -444,6 +456,30 @@ def batch_norm_eager(x: Tensor, weight, bias, eps: float, dim: int, layout: tupl
     ``(y, mean, var, invstd)`` with ``y`` in ``x``'s shape and memory format; only after :func:`eager_fast`.
     """
     return torch.ops.normlab.batch_norm_eager.default(x, weight, bias, eps, dim, layout)
+
+
+def batch_norm_train_eager(
+    x: Tensor,
+    weight,
+    bias,
+    eps: float,
+    dim: int,
+    layout,
+    buffers: tuple[Tensor, Tensor, Tensor, Tensor],
+    who: str,
+    ema: tuple[float, float],
+) -> Tensor:
+    """``normlab::batch_norm_train_eager``: :func:`batch_norm_eager` and the running-statistics update in one call.
+
+    ``buffers`` = (running_mean, running_var, num_batches_tracked, num_nonfinite_batches), the running
+    ones in ``x``'s dtype and contiguous; ``ema`` = :func:`ema_args`. A skipped batch is warned about as
+    :func:`update_running_stats` warns. Only after :func:`eager_fast`.
+    """
+    y, status = torch.ops.normlab.batch_norm_train_eager.default(x, weight, bias, eps, dim, layout, *buffers, *ema)
+    if status != _native.EMA_UPDATED:
+        reason = "nonfinite" if status == _native.EMA_NONFINITE else "overflow"
+        _warn_skipped(who, reason, buffers[1].dtype)
+    return y
 
 
 def row_norm_eager(x: Tensor, weight, bias, eps: float, centered: bool, view, red: int, layout, affine_shape):

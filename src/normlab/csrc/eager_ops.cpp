@@ -8,6 +8,9 @@
  *
  *   normlab::batch_norm_eager(x, weight, bias, eps, dim, layout)      -> (y, mean, var, invstd)
  *       x's memory is layout = (A, C, B), C the feature axis dim (contiguous, or channels-last: B = 1)
+ *   normlab::batch_norm_train_eager(x, ..., running buffers, ema_weight,
+ *                                   var_scale)                        -> (y, status)
+ *       the same, and the running statistics updated as normlab::update_running_stats_ does on the CPU
  *   normlab::row_norm_eager(x, weight, bias, eps, centered, view, red,
  *                           layout, affine_shape)                      -> (y, mean, var, invstd)
  *       contiguous x seen as view, normalised over its red trailing dims; layout = (R, K, G, L) for the
@@ -47,6 +50,8 @@ void row_fwd_f64(const double *, double *, int64_t, int64_t, int64_t, int64_t, c
                  int, double *, double *, double *, int);
 int row_bwd_f32(const float *, const float *, float *, int64_t, int64_t, int64_t, int64_t, const float *, const float *,
                 const float *, int, float *, float *, int);
+int ema_update_f32(float *, float *, const float *, const float *, int64_t, double, double);
+int ema_update_f64(double *, double *, const double *, const double *, int64_t, double, double);
 int row_bwd_f64(const double *, const double *, double *, int64_t, int64_t, int64_t, int64_t, const double *,
                 const double *, const double *, int, double *, double *, int);
 }
@@ -147,6 +152,7 @@ struct ColumnNorm : public torch::autograd::Function<ColumnNorm> {
                                mut<double>(mean), mut<double>(var), mut<double>(invstd), nt);
     }
     check_status(status, "col_forward");
+    ctx->set_materialize_grads(false); /* no zeros for the statistics' (non-differentiable) gradients */
     ctx->save_for_backward({x, weight, mean, invstd});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["dim"] = dim;
@@ -163,6 +169,7 @@ struct ColumnNorm : public torch::autograd::Function<ColumnNorm> {
     const auto layout = ctx->saved_data["layout"].toIntVector();
     const int64_t A = layout[0], C = layout[1], B = layout[2], dim = ctx->saved_data["dim"].toInt();
     const at::Tensor never;
+    if (!grads[0].defined()) return {never, never, never, never, never, never}; /* y was not used */
     if (at::GradMode::is_enabled()) { /* create_graph: differentiate the analytic formula */
       c10::optional<at::Tensor> w = has_w ? c10::optional<at::Tensor>(weight.view({1, C, 1})) : c10::nullopt;
       auto [dx3, dw, db] = backward_graph(column_view(grads[0], dim, layout), column_view(x, dim, layout), w,
@@ -198,6 +205,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_eager(cons
   return {out[0], out[1], out[2], out[3]};
 }
 
+/* BatchNorm's training step: batch_norm_eager, then the batch statistics folded into the running buffers with
+ * the new-batch weight ema_weight and the variance scaled by var_scale (n / (n - 1) for the unbiased
+ * estimate), as normlab::update_running_stats_ does on the CPU: the ema_update kernel changes nothing when a
+ * statistic is not finite, num_batches_tracked counts the batches used, num_nonfinite_batches the others.
+ * Returns y and the kernel's status (1 used, 0 non-finite, 2 variance overflow), for the caller to warn. */
+std::tuple<at::Tensor, int64_t> batch_norm_train_eager(const at::Tensor &x, const c10::optional<at::Tensor> &weight,
+                                                       const c10::optional<at::Tensor> &bias, double eps,
+                                                       int64_t dim, at::IntArrayRef layout,
+                                                       const at::Tensor &running_mean, const at::Tensor &running_var,
+                                                       const at::Tensor &num_batches_tracked,
+                                                       const at::Tensor &num_nonfinite_batches, double ema_weight,
+                                                       double var_scale) {
+  auto out = ColumnNorm::apply(x, weight, bias, eps, dim, layout.vec());
+  const at::Tensor &mean = out[1], &var = out[2];
+  const int64_t C = mean.numel();
+  int status;
+  if (x.scalar_type() == at::kFloat) {
+    status = ema_update_f32(mut<float>(running_mean), mut<float>(running_var), ptr<float>(mean), ptr<float>(var), C,
+                            ema_weight, var_scale);
+  } else {
+    status = ema_update_f64(mut<double>(running_mean), mut<double>(running_var), ptr<double>(mean), ptr<double>(var),
+                            C, ema_weight, var_scale);
+  }
+  (status == 1 ? num_batches_tracked : num_nonfinite_batches).add_(1);
+  return {out[0], status};
+}
+
 /* --------------------------------------------------------------------------------------------- row */
 
 struct RowNorm : public torch::autograd::Function<RowNorm> {
@@ -221,6 +255,7 @@ struct RowNorm : public torch::autograd::Function<RowNorm> {
       row_fwd_f64(ptr<double>(x), mut<double>(y), R, K, G, L, ptr<double>(weight), ptr<double>(bias), eps, centered,
                   mut<double>(mean), mut<double>(var), mut<double>(rstd), nt);
     }
+    ctx->set_materialize_grads(false);
     ctx->save_for_backward({x, weight, bias, mean, rstd});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["centered"] = centered;
@@ -238,6 +273,7 @@ struct RowNorm : public torch::autograd::Function<RowNorm> {
     const bool centered = ctx->saved_data["centered"].toBool();
     const auto [nx, nw, nb] = needs(ctx);
     const at::Tensor never;
+    if (!grads[0].defined()) return {never, never, never, never, never, never, never, never, never};
     if (at::GradMode::is_enabled()) { /* create_graph: differentiate the analytic formula */
       const auto view = ctx->saved_data["view"].toIntVector();
       const auto affine_shape = ctx->saved_data["affine_shape"].toIntVector();
@@ -290,11 +326,16 @@ TORCH_LIBRARY_FRAGMENT(normlab, m) {
       "batch_norm_eager(Tensor x, Tensor? weight, Tensor? bias, float eps, int dim, int[3] layout) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
+      "batch_norm_train_eager(Tensor x, Tensor? weight, Tensor? bias, float eps, int dim, int[3] layout, "
+      "Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!) num_batches_tracked, "
+      "Tensor(d!) num_nonfinite_batches, float ema_weight, float var_scale) -> (Tensor, int)");
+  m.def(
       "row_norm_eager(Tensor x, Tensor? weight, Tensor? bias, float eps, bool centered, int[] view, int red, "
       "int[4] layout, int[] affine_shape) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(normlab, CompositeImplicitAutograd, m) {
   m.impl("batch_norm_eager", batch_norm_eager);
+  m.impl("batch_norm_train_eager", batch_norm_train_eager);
   m.impl("row_norm_eager", row_norm_eager);
 }

@@ -33,6 +33,20 @@
 
 typedef int64_t i64;
 
+#define NL_RUN 128 /* the longest run of values summed in T before the run is added in double */
+
+/* Per-thread scratch: each thread's part starts on its own 64-byte cache line (threads writing to one line
+ * would pass it back and forth on every update: false sharing). nl_pad rounds a count of elements of `size`
+ * bytes up to whole lines; nl_alloc returns line-aligned memory (zeroed when asked), free() releases it. */
+static inline i64 nl_pad(i64 n, size_t size) { return (i64)(((size_t)n * size + 63) / 64 * 64 / size); }
+
+static void *nl_alloc(size_t bytes, int zero) {
+    const size_t b = bytes ? (bytes + 63) / 64 * 64 : 64;
+    void *p = aligned_alloc(64, b);
+    if (p && zero) memset(p, 0, b);
+    return p;
+}
+
 enum { NL_OK = 0, NL_ENOMEM = 1 };                            /* kernels that allocate */
 enum { NL_UPDATED = 1, NL_NONFINITE = 0, NL_OVERFLOW = 2 }; /* ema_update */
 

@@ -146,11 +146,35 @@ class _BatchNormBase(MaskedNormLayer, _BatchNorm):
             return NF.batch_norm(
                 input, self.running_mean, self.running_var, self.weight, self.bias, False, eps=self.eps, feature_dim=dim
             )
+        if mask is None and type(self)._train_forward is _BatchNormBase._train_forward:
+            y = self._train_step_in_one_call(input, dim)
+            if y is not None:
+                return y
         y, stats = self._train_forward(input, dim, mask)
         if self.training and self.track_running_stats and not NF._under_functorch():
             for mean, var, count in stats:
                 self._update(mean, var, count)
         return y
+
+    def _train_step_in_one_call(self, input: Tensor, dim: int) -> Tensor | None:
+        """The common training step (no mask, this class's hook) as one C++ call, or ``None`` where it does not
+        apply: ``normlab::batch_norm_train_eager`` computes what :meth:`_train_forward` then :meth:`_update`
+        compute, without their Python (on small layers it costs more than the arithmetic)."""
+        buffers, params = self._buffers, self._parameters  # (nn.Module's __getattr__ would look each one up)
+        rm, rv, nbt = buffers["running_mean"], buffers["running_var"], buffers["num_batches_tracked"]
+        weight, bias = params["weight"], params["bias"]
+        if not self.track_running_stats or rm is None or rm.dtype != input.dtype or not rm.is_contiguous():
+            return None
+        if not rv.is_contiguous() or not _ops.eager_fast(input, weight, bias):
+            return None
+        layout = NF._column_layout(input, dim)
+        if layout is None or layout[0] * layout[2] < 2:  # other layouts; one value per feature is the general error
+            return None
+        n = layout[0] * layout[2]
+        decay = self.momentum_convention == "decay"
+        ema = _ops.ema_args(self.momentum, nbt, n, decay, self.debias, self.unbiased_running_var)
+        state = (rm, rv, nbt, buffers["num_nonfinite_batches"])
+        return _ops.batch_norm_train_eager(input, weight, bias, self.eps, dim, layout, state, type(self).__name__, ema)
 
     def _train_forward(self, input: Tensor, dim: int, mask: Tensor | None) -> tuple[Tensor, Stats]:
         """The hook: training-mode output and the batch statistics to fold into the running ones."""
