@@ -158,7 +158,8 @@ def test_runs_made_by_other_source_code_are_flagged_not_silently_reused(toy, tmp
 
 
 def test_the_source_hash_covers_the_kernel_bodies_and_nothing_else(tmp_path):
-    """The C kernels' bodies live in csrc/*.inc: changing one must change the hash stored with every run."""
+    """The C kernels' bodies live in csrc/*.inc and the C++ operators in csrc/*.cpp: changing one must change the
+    hash stored with every run."""
     import hashlib
     from pathlib import Path
 
@@ -167,12 +168,13 @@ def test_the_source_hash_covers_the_kernel_bodies_and_nothing_else(tmp_path):
 
     pkg = Path(normlab.__file__).resolve().parent
     assert (pkg / "csrc" / "norm_kernels.inc").is_file()
-    for name, text in [("a.py", "x = 1\n"), ("csrc/k.c", "int f;\n"), ("csrc/k.inc", "T g;\n"), ("notes.txt", "x\n")]:
+    sources = [("a.py", "x = 1\n"), ("csrc/k.c", "int f;\n"), ("csrc/k.inc", "T g;\n"), ("csrc/o.cpp", "int o;\n")]
+    for name, text in [*sources, ("notes.txt", "x\n")]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     before = tree_hash(tmp_path)
-    expected = hashlib.sha256()  # an independent computation over the three source files, sorted by path
-    for name in ["a.py", "csrc/k.c", "csrc/k.inc"]:
+    expected = hashlib.sha256()  # an independent computation over the four source files, sorted by path
+    for name in ["a.py", "csrc/k.c", "csrc/k.inc", "csrc/o.cpp"]:
         expected.update(name.encode())
         expected.update((tmp_path / name).read_bytes())
     assert before == expected.hexdigest()[:12]
@@ -180,6 +182,9 @@ def test_the_source_hash_covers_the_kernel_bodies_and_nothing_else(tmp_path):
     assert tree_hash(tmp_path) == before  # not a source file
     (tmp_path / "csrc" / "k.inc").write_text("T h;\n")
     assert tree_hash(tmp_path) != before
+    changed = tree_hash(tmp_path)
+    (tmp_path / "csrc" / "o.cpp").write_text("int p;\n")
+    assert tree_hash(tmp_path) != changed
     assert source_hash() == tree_hash(pkg)
 
 

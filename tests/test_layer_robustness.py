@@ -102,13 +102,17 @@ def _run_layer(cache: Path) -> subprocess.CompletedProcess:
         "ours, ref = normlab.BatchNorm2d(3).double(), torch.nn.BatchNorm2d(3).double()\n"
         "torch.testing.assert_close(ours(x), ref(x))\n"
         "assert N.library() is not None, 'native kernels not loaded'\n"
+        "assert N.eager_ops() or N._cxx_compiler() is None, 'C++ operators not loaded'\n"
     )
     env = {**os.environ, "NORMLAB_CACHE": str(cache), "NORMLAB_NATIVE": "1"}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
 
 
-def _library(cache: Path) -> Path:
-    (lib,) = (cache / "native").glob("norm_kernels-*.so")
+def _library(cache: Path, stem: str = "norm_kernels") -> Path:
+    libs = list((cache / "native").glob(f"{stem}-*.so"))
+    if not libs:
+        pytest.skip(f"no {stem} library was built here (no compiler for it)")
+    (lib,) = libs
     return lib
 
 
@@ -133,9 +137,10 @@ def _corrupt_flip_bits(lib: Path) -> None:
     lib.write_bytes(bytes(data))
 
 
+@pytest.mark.parametrize("stem", ["norm_kernels", "eager_ops"], ids=["C-kernels", "C++-operators"])
 @pytest.mark.parametrize("corrupt", [_corrupt_truncate, _corrupt_flip_bits], ids=["truncated", "bit-flipped"])
-def test_a_corrupted_cached_library_is_detected_and_rebuilt(built_cache, corrupt):
-    lib = _library(built_cache)
+def test_a_corrupted_cached_library_is_detected_and_rebuilt(built_cache, corrupt, stem):
+    lib = _library(built_cache, stem)
     good = lib.read_bytes()
     corrupt(lib)
     assert lib.read_bytes() != good
@@ -210,6 +215,43 @@ def test_build_loads_and_reports_a_corrupt_but_checksummed_library(tmp_path, mon
     lib.write_bytes(b"not an ELF file")
     with pytest.raises(RuntimeError, match=f"delete {lib}"):
         _native._build()
+
+
+def test_without_a_cxx_compiler_the_layers_warn_once_and_run_the_kernels_through_python(monkeypatch):
+    """No C++ compiler (or no PyTorch headers): one warning that says what to install, then the Python path."""
+    if _native.library() is None:
+        pytest.skip("native kernels unavailable")
+    monkeypatch.setattr(_native, "_eager_state", {})  # as if never tried in this process
+    monkeypatch.setattr(_native, "_cxx_compiler", lambda: None)
+    with pytest.warns(RuntimeWarning, match=r"C\+\+ eager operators are unavailable .*no C and C\+\+ compiler"):
+        assert _native.eager_ops() is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: later calls are silent
+        assert _native.eager_ops() is False
+        x = torch.randn(6, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+        ours, ref = normlab.BatchNorm2d(3).double(), nn.BatchNorm2d(3).double()
+        torch.testing.assert_close(ours(x), ref(x))
+        torch.testing.assert_close(ours.running_var, ref.running_var)
+        ln, ln_ref = normlab.LayerNorm(4).double(), nn.LayerNorm(4).double()
+        torch.testing.assert_close(ln(x), ln_ref(x))
+
+
+def test_cxx_operators_that_fail_to_load_are_named_with_the_files_to_delete(tmp_path, monkeypatch):
+    """A cached operator library that matches its checksum but does not load: named, then the Python path."""
+    if _native.library() is None or _native._cxx_compiler() is None:
+        pytest.skip("no compilers")
+    monkeypatch.setenv("NORMLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(_native, "_eager_state", {})
+
+    def junk(cc, cxx, out):  # a "build" whose result passes the checksum but is no library
+        out.write_bytes(b"not an ELF file")
+        _native._checksum_path(out).write_text(_native._digest(out.read_bytes()))
+
+    monkeypatch.setattr(_native, "_compile_eager", junk)
+    with pytest.warns(RuntimeWarning, match=r"could not load the compiled operators .*eager_ops-.*\.so.*delete"):
+        assert _native.eager_ops() is False
+    x = torch.randn(6, 3, dtype=torch.float64)
+    torch.testing.assert_close(normlab.BatchNorm1d(3).double()(x), nn.BatchNorm1d(3).double()(x))
 
 
 def test_allocation_failure_is_a_python_error_not_a_crash():

@@ -392,7 +392,7 @@ update_running_stats_ = torch.ops.normlab.update_running_stats_.default
 
 def _eager(x: Tensor) -> bool:
     """True for an eager call on a plain CPU tensor: nothing traces it, so the operators' Python layers can go."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:  # dynamo, torch.jit.trace
         return False
     return type(x) is Tensor and x.is_cpu and _get_current_dispatch_mode() is None
 

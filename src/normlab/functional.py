@@ -86,6 +86,13 @@ def check_eps(eps: float, who: str) -> float:
     return float(eps)
 
 
+def _in_onnx_export() -> bool:
+    """``torch.onnx.is_in_onnx_export()``, asked only while something traces (an export is a trace: TorchScript's
+    or dynamo's), so an eager call does not pay for the question."""
+    traced = torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()
+    return traced and torch.onnx.is_in_onnx_export()
+
+
 def _under_functorch() -> bool:
     """True inside a ``torch.func`` transform (vmap, grad, jvp, jacrev, hessian, ...).
 
@@ -354,7 +361,7 @@ def batch_norm(
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError("batch_norm: eval mode needs running_mean and running_var (or pass training=True)")
-        if dim == 1 and torch.onnx.is_in_onnx_export():  # the standard BatchNormalization node
+        if dim == 1 and _in_onnx_export():  # the standard BatchNormalization node
             return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
         return _batch_norm_eval(input, running_mean, running_var, weight, bias, eps, dim)
 
@@ -496,7 +503,7 @@ def _row_norm(x: Tensor, view: Sequence[int], red: int, weight, bias, eps: float
     if x.dtype in _HALF:
         y, mean, var = _row_norm(x.float(), view, red, _f32(weight), _f32(bias), eps, centered, affine_shape)
         return y.to(x.dtype), mean, var
-    if not _composite() and x.is_contiguous() and _ops.eager_fast(x, weight, bias):
+    if x.is_contiguous() and _ops.eager_fast(x, weight, bias):
         layout = _row_layout(view, red, affine_shape, weight is not None or bias is not None)
         y, mean, var, _ = _ops.row_norm_eager(x, weight, bias, eps, centered, view, red, layout, affine_shape)
         return y, mean, var
@@ -545,7 +552,13 @@ def layer_norm(
     ns = _check_normalized_shape(input, normalized_shape, "layer_norm")
     _check_affine_shape(weight, ns, "weight", "layer_norm")
     _check_affine_shape(bias, ns, "bias", "layer_norm")
-    if torch.onnx.is_in_onnx_export():  # the standard LayerNormalization node
+    return _layer_norm(input, ns, weight, bias, eps)
+
+
+def _layer_norm(input: Tensor, ns: tuple[int, ...], weight, bias, eps: float) -> Tensor:
+    """:func:`layer_norm` once its arguments are checked (``normlab.LayerNorm`` checks its own; see
+    :func:`_group_norm`)."""
+    if _in_onnx_export():  # the standard LayerNormalization node
         return F.layer_norm(input, ns, weight, bias, eps)
     lead = input.numel() // max(math.prod(ns), 1)
     return _row_norm(input, (lead, *ns), len(ns), weight, bias, eps, True, (1, *ns))[0]
@@ -565,7 +578,7 @@ def rms_norm(
     ns = _check_normalized_shape(input, normalized_shape, "rms_norm")
     _check_affine_shape(weight, ns, "weight", "rms_norm")
     eps = torch.finfo(input.dtype).eps if eps is None else check_eps(eps, "rms_norm")
-    if torch.onnx.is_in_onnx_export():  # the standard RMSNormalization node (opset 23)
+    if _in_onnx_export():  # the standard RMSNormalization node (opset 23)
         return F.rms_norm(input, ns, weight, eps)
     lead = input.numel() // max(math.prod(ns), 1)
     return _row_norm(input, (lead, *ns), len(ns), weight, None, eps, False, (1, *ns))[0]
@@ -599,8 +612,15 @@ def group_norm(
         )
     _check_affine_shape(weight, (c,), "weight", "group_norm")
     _check_affine_shape(bias, (c,), "bias", "group_norm")
-    if centered and torch.onnx.is_in_onnx_export():  # the standard GroupNormalization node
+    return _group_norm(input, num_groups, weight, bias, eps, centered)
+
+
+def _group_norm(input: Tensor, num_groups: int, weight, bias, eps: float, centered: bool) -> Tensor:
+    """:func:`group_norm` once its arguments are checked (``normlab.GroupNorm`` checks its own, mostly at
+    construction: on a small layer the checks cost as much as the arithmetic)."""
+    if centered and _in_onnx_export():  # the standard GroupNormalization node
         return F.group_norm(input, num_groups, weight, bias, eps)
+    n, c = input.shape[:2]
     cg = c // num_groups
     spatial = math.prod(input.shape[2:])
     y = _row_norm(input, (n, num_groups, cg, spatial), 2, weight, bias, eps, centered, (1, num_groups, cg, 1))[0]

@@ -99,23 +99,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_graph(const at::Tensor &
 
 /* ------------------------------------------------------------------------------------------ column */
 
-/* Which of weight and bias were given: autograd numbers its input edges over the given tensors only. */
-std::vector<int64_t> affine_flags(const at::Tensor &weight, const at::Tensor &bias) {
-  return {weight.defined(), bias.defined()};
+/* What a node keeps besides its tensors, packed in one saved entry (each entry costs an allocation):
+ * [weight given, bias given, then the operator's own integers]. Autograd numbers a node's input edges over
+ * the tensors given only, so needs() maps (x, weight, bias) onto them. */
+std::tuple<bool, bool, bool> needs(AutogradContext *ctx, const std::vector<int64_t> &k) {
+  const bool w = k[0], b = k[1];
+  return {ctx->needs_input_grad(0), w && ctx->needs_input_grad(1), b && ctx->needs_input_grad(w ? 2 : 1)};
 }
 
-/* needs_input_grad for (x, weight, bias), each false when the tensor was not given */
-std::tuple<bool, bool, bool> needs(AutogradContext *ctx) {
-  const auto given = ctx->saved_data["affine"].toIntVector();
-  const bool w = given[0], b = given[1];
-  return {ctx->needs_input_grad(0), w && ctx->needs_input_grad(1), b && ctx->needs_input_grad(w ? 2 : 1)};
+bool recorded(const at::Tensor &x, const c10::optional<at::Tensor> &weight, const c10::optional<at::Tensor> &bias) {
+  if (!at::GradMode::is_enabled()) return false;
+  return x.requires_grad() || (weight && weight->requires_grad()) || (bias && bias->requires_grad());
 }
 
 /* x's memory as (A, C, B): contiguous x, or x whose memory is contiguous once the feature axis `dim` is moved
  * last (channels-last), then (A * B, C, 1). The differentiable view the recorded backward needs. */
-at::Tensor column_view(const at::Tensor &t, int64_t dim, at::IntArrayRef layout) {
-  if (layout[2] == 1 && !t.is_contiguous()) return t.movedim(dim, -1).reshape({layout[0], layout[1], 1});
-  return t.reshape({layout[0], layout[1], layout[2]});
+at::Tensor column_view(const at::Tensor &t, int64_t dim, int64_t A, int64_t C, int64_t B) {
+  if (B == 1 && !t.is_contiguous()) return t.movedim(dim, -1).reshape({A, C, 1});
+  return t.reshape({A, C, B});
 }
 
 at::Tensor from_column_view(const at::Tensor &t3, const at::Tensor &like, int64_t dim) {
@@ -132,49 +133,56 @@ at::Tensor same_layout(const at::Tensor &grad, const at::Tensor &x) {
   return grad.strides() == x.strides() ? grad : at::empty_like(x).copy_(grad);
 }
 
+using Stats4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+/* The forward kernel: y in x's memory format, per-channel mean, biased var and invstd in x's dtype. */
+Stats4 column_forward(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &bias, double eps, int64_t A,
+                      int64_t C, int64_t B) {
+  at::Tensor y = at::empty_like(x); /* x's strides: the same (A, C, B) memory */
+  at::Tensor mean = at::empty({C}, x.options()), var = at::empty({C}, x.options()),
+             invstd = at::empty({C}, x.options());
+  const int nt = threads_for(x.numel());
+  int status;
+  if (x.scalar_type() == at::kFloat) {
+    status = col_forward_f32(ptr<float>(x), mut<float>(y), A, C, B, ptr<float>(weight), ptr<float>(bias), eps,
+                             mut<float>(mean), mut<float>(var), mut<float>(invstd), nt);
+  } else {
+    status = col_forward_f64(ptr<double>(x), mut<double>(y), A, C, B, ptr<double>(weight), ptr<double>(bias), eps,
+                             mut<double>(mean), mut<double>(var), mut<double>(invstd), nt);
+  }
+  check_status(status, "col_forward");
+  return {y, mean, var, invstd};
+}
+
 struct ColumnNorm : public torch::autograd::Function<ColumnNorm> {
   static variable_list forward(AutogradContext *ctx, const at::Tensor &x, const c10::optional<at::Tensor> &weight_opt,
                                const c10::optional<at::Tensor> &bias_opt, double eps, int64_t dim,
-                               std::vector<int64_t> layout) {
+                               at::IntArrayRef layout) {
     const at::Tensor weight = weight_opt.value_or(at::Tensor()), bias = bias_opt.value_or(at::Tensor());
-    ctx->saved_data["affine"] = affine_flags(weight, bias);
-    const int64_t A = layout[0], C = layout[1], B = layout[2];
-    at::Tensor y = at::empty_like(x); /* x's strides: the same (A, C, B) memory */
-    at::Tensor mean = at::empty({C}, x.options()), var = at::empty({C}, x.options()),
-               invstd = at::empty({C}, x.options());
-    const int nt = threads_for(x.numel());
-    int status;
-    if (x.scalar_type() == at::kFloat) {
-      status = col_forward_f32(ptr<float>(x), mut<float>(y), A, C, B, ptr<float>(weight), ptr<float>(bias), eps,
-                               mut<float>(mean), mut<float>(var), mut<float>(invstd), nt);
-    } else {
-      status = col_forward_f64(ptr<double>(x), mut<double>(y), A, C, B, ptr<double>(weight), ptr<double>(bias), eps,
-                               mut<double>(mean), mut<double>(var), mut<double>(invstd), nt);
-    }
-    check_status(status, "col_forward");
+    auto [y, mean, var, invstd] = column_forward(x, weight, bias, eps, layout[0], layout[1], layout[2]);
     ctx->set_materialize_grads(false); /* no zeros for the statistics' (non-differentiable) gradients */
     ctx->save_for_backward({x, weight, mean, invstd});
+    ctx->saved_data["k"] =
+        std::vector<int64_t>{weight.defined(), bias.defined(), dim, layout[0], layout[1], layout[2]};
     ctx->saved_data["eps"] = eps;
-    ctx->saved_data["dim"] = dim;
-    ctx->saved_data["layout"] = layout;
     ctx->mark_non_differentiable({mean, var, invstd});
     return {y, mean, var, invstd};
   }
 
   static variable_list backward(AutogradContext *ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3];
-    const bool has_w = weight.defined();
-    const auto [nx, nw, nb] = needs(ctx);
-    const auto layout = ctx->saved_data["layout"].toIntVector();
-    const int64_t A = layout[0], C = layout[1], B = layout[2], dim = ctx->saved_data["dim"].toInt();
     const at::Tensor never;
     if (!grads[0].defined()) return {never, never, never, never, never, never}; /* y was not used */
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3];
+    const auto k = ctx->saved_data["k"].toIntVector();
+    const auto [nx, nw, nb] = needs(ctx, k);
+    const int64_t dim = k[2], A = k[3], C = k[4], B = k[5];
     if (at::GradMode::is_enabled()) { /* create_graph: differentiate the analytic formula */
-      c10::optional<at::Tensor> w = has_w ? c10::optional<at::Tensor>(weight.view({1, C, 1})) : c10::nullopt;
-      auto [dx3, dw, db] = backward_graph(column_view(grads[0], dim, layout), column_view(x, dim, layout), w,
-                                          ctx->saved_data["eps"].toDouble(), {0, 2}, true,
-                                          {nx, nw, nb}, std::vector<int64_t>{1, C, 1});
+      c10::optional<at::Tensor> w;
+      if (weight.defined()) w = weight.view({1, C, 1});
+      auto [dx3, dw, db] = backward_graph(column_view(grads[0], dim, A, C, B), column_view(x, dim, A, C, B), w,
+                                          ctx->saved_data["eps"].toDouble(), {0, 2}, true, {nx, nw, nb},
+                                          std::vector<int64_t>{1, C, 1});
       return {nx ? from_column_view(dx3, x, dim) : never, nw ? dw.view({C}) : never, nb ? db.view({C}) : never,
               never, never, never};
     }
@@ -196,12 +204,12 @@ struct ColumnNorm : public torch::autograd::Function<ColumnNorm> {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_eager(const at::Tensor &x,
-                                                                            const c10::optional<at::Tensor> &weight,
-                                                                            const c10::optional<at::Tensor> &bias,
-                                                                            double eps, int64_t dim,
-                                                                            at::IntArrayRef layout) {
-  auto out = ColumnNorm::apply(x, weight, bias, eps, dim, layout.vec());
+Stats4 batch_norm_eager(const at::Tensor &x, const c10::optional<at::Tensor> &weight,
+                        const c10::optional<at::Tensor> &bias, double eps, int64_t dim, at::IntArrayRef layout) {
+  if (!recorded(x, weight, bias)) /* nothing to differentiate: the kernel alone */
+    return column_forward(x, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), eps, layout[0], layout[1],
+                          layout[2]);
+  auto out = ColumnNorm::apply(x, weight, bias, eps, dim, layout);
   return {out[0], out[1], out[2], out[3]};
 }
 
@@ -217,8 +225,7 @@ std::tuple<at::Tensor, int64_t> batch_norm_train_eager(const at::Tensor &x, cons
                                                        const at::Tensor &num_batches_tracked,
                                                        const at::Tensor &num_nonfinite_batches, double ema_weight,
                                                        double var_scale) {
-  auto out = ColumnNorm::apply(x, weight, bias, eps, dim, layout.vec());
-  const at::Tensor &mean = out[1], &var = out[2];
+  auto [y, mean, var, invstd] = batch_norm_eager(x, weight, bias, eps, dim, layout);
   const int64_t C = mean.numel();
   int status;
   if (x.scalar_type() == at::kFloat) {
@@ -229,68 +236,74 @@ std::tuple<at::Tensor, int64_t> batch_norm_train_eager(const at::Tensor &x, cons
                             C, ema_weight, var_scale);
   }
   (status == 1 ? num_batches_tracked : num_nonfinite_batches).add_(1);
-  return {out[0], status};
+  return {y, status};
 }
 
 /* --------------------------------------------------------------------------------------------- row */
 
+/* The forward kernel: y in x's shape, per-row statistics shaped as view's leading dims then red ones. */
+Stats4 row_forward(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &bias, double eps, bool centered,
+                   at::IntArrayRef view, int64_t red, at::IntArrayRef layout) {
+  const int64_t R = layout[0], K = layout[1], G = layout[2], L = layout[3];
+  c10::SmallVector<int64_t, 8> keep(view.begin(), view.end() - red);
+  keep.append(red, 1);
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor mean = at::empty(keep, x.options()), var = at::empty(keep, x.options()),
+             rstd = at::empty(keep, x.options());
+  const int nt = threads_for(x.numel());
+  if (x.scalar_type() == at::kFloat) {
+    row_fwd_f32(ptr<float>(x), mut<float>(y), R, K, G, L, ptr<float>(weight), ptr<float>(bias), eps, centered,
+                mut<float>(mean), mut<float>(var), mut<float>(rstd), nt);
+  } else {
+    row_fwd_f64(ptr<double>(x), mut<double>(y), R, K, G, L, ptr<double>(weight), ptr<double>(bias), eps, centered,
+                mut<double>(mean), mut<double>(var), mut<double>(rstd), nt);
+  }
+  return {y, mean, var, rstd};
+}
+
 struct RowNorm : public torch::autograd::Function<RowNorm> {
   static variable_list forward(AutogradContext *ctx, const at::Tensor &x, const c10::optional<at::Tensor> &weight_opt,
                                const c10::optional<at::Tensor> &bias_opt, double eps, bool centered,
-                               std::vector<int64_t> view, int64_t red, std::vector<int64_t> layout,
-                               std::vector<int64_t> affine_shape) {
+                               at::IntArrayRef view, int64_t red, at::IntArrayRef layout,
+                               at::IntArrayRef affine_shape) {
     const at::Tensor weight = weight_opt.value_or(at::Tensor()), bias = bias_opt.value_or(at::Tensor());
-    ctx->saved_data["affine"] = affine_flags(weight, bias);
-    const int64_t R = layout[0], K = layout[1], G = layout[2], L = layout[3];
-    std::vector<int64_t> keep(view.begin(), view.end() - red);
-    keep.insert(keep.end(), red, 1);
-    at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
-    at::Tensor mean = at::empty(keep, x.options()), var = at::empty(keep, x.options()),
-               rstd = at::empty(keep, x.options());
-    const int nt = threads_for(x.numel());
-    if (x.scalar_type() == at::kFloat) {
-      row_fwd_f32(ptr<float>(x), mut<float>(y), R, K, G, L, ptr<float>(weight), ptr<float>(bias), eps, centered,
-                  mut<float>(mean), mut<float>(var), mut<float>(rstd), nt);
-    } else {
-      row_fwd_f64(ptr<double>(x), mut<double>(y), R, K, G, L, ptr<double>(weight), ptr<double>(bias), eps, centered,
-                  mut<double>(mean), mut<double>(var), mut<double>(rstd), nt);
-    }
+    auto [y, mean, var, rstd] = row_forward(x, weight, bias, eps, centered, view, red, layout);
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({x, weight, bias, mean, rstd});
+    /* [weight given, bias given, centered, red, R, K, G, L, len(view), view..., affine_shape...] */
+    std::vector<int64_t> k{weight.defined(), bias.defined(), centered, red};
+    k.insert(k.end(), layout.begin(), layout.end());
+    k.push_back((int64_t)view.size());
+    k.insert(k.end(), view.begin(), view.end());
+    k.insert(k.end(), affine_shape.begin(), affine_shape.end());
+    ctx->saved_data["k"] = std::move(k);
     ctx->saved_data["eps"] = eps;
-    ctx->saved_data["centered"] = centered;
-    ctx->saved_data["view"] = view;
-    ctx->saved_data["red"] = red;
-    ctx->saved_data["layout"] = layout;
-    ctx->saved_data["affine_shape"] = affine_shape;
     ctx->mark_non_differentiable({mean, var, rstd});
     return {y, mean, var, rstd};
   }
 
   static variable_list backward(AutogradContext *ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &rstd = saved[4];
-    const bool centered = ctx->saved_data["centered"].toBool();
-    const auto [nx, nw, nb] = needs(ctx);
     const at::Tensor never;
     if (!grads[0].defined()) return {never, never, never, never, never, never, never, never, never};
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &rstd = saved[4];
+    const auto k = ctx->saved_data["k"].toIntVector();
+    const auto [nx, nw, nb] = needs(ctx, k);
+    const bool centered = k[2];
+    const int64_t red = k[3], R = k[4], K = k[5], G = k[6], L = k[7], nview = k[8];
     if (at::GradMode::is_enabled()) { /* create_graph: differentiate the analytic formula */
-      const auto view = ctx->saved_data["view"].toIntVector();
-      const auto affine_shape = ctx->saved_data["affine_shape"].toIntVector();
-      const int64_t red = ctx->saved_data["red"].toInt();
+      const std::vector<int64_t> view(k.begin() + 9, k.begin() + 9 + nview), affine_shape(k.begin() + 9 + nview, k.end());
       std::vector<int64_t> dims;
-      for (int64_t d = (int64_t)view.size() - red; d < (int64_t)view.size(); ++d) dims.push_back(d);
-      c10::optional<at::Tensor> w = weight.defined() ? c10::optional<at::Tensor>(weight.view(affine_shape)) : c10::nullopt;
+      for (int64_t d = nview - red; d < nview; ++d) dims.push_back(d);
+      c10::optional<at::Tensor> w;
+      if (weight.defined()) w = weight.view(affine_shape);
       c10::optional<std::vector<int64_t>> shape;
       if (weight.defined() || bias.defined()) shape = affine_shape;
       auto [dx, dw, db] = backward_graph(grads[0].reshape(view), x.reshape(view), w,
-                                         ctx->saved_data["eps"].toDouble(), dims, centered,
-                                         {nx, nw, nb}, shape);
+                                         ctx->saved_data["eps"].toDouble(), dims, centered, {nx, nw, nb}, shape);
       return {nx ? dx.view(x.sizes()) : never, nw ? dw.view(weight.sizes()) : never,
               nb ? db.view(bias.sizes()) : never, never, never, never, never, never, never};
     }
-    const auto layout = ctx->saved_data["layout"].toIntVector();
-    const int64_t R = layout[0], K = layout[1], G = layout[2], L = layout[3];
     const int64_t P = L ? G * (K / L) : 0;
     at::Tensor g = grads[0].contiguous();
     at::Tensor dx = nx ? at::empty_like(x, at::MemoryFormat::Contiguous) : never;
@@ -312,10 +325,13 @@ struct RowNorm : public torch::autograd::Function<RowNorm> {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_norm_eager(
-    const at::Tensor &x, const c10::optional<at::Tensor> &weight, const c10::optional<at::Tensor> &bias, double eps,
-    bool centered, at::IntArrayRef view, int64_t red, at::IntArrayRef layout, at::IntArrayRef affine_shape) {
-  auto out = RowNorm::apply(x, weight, bias, eps, centered, view.vec(), red, layout.vec(), affine_shape.vec());
+Stats4 row_norm_eager(const at::Tensor &x, const c10::optional<at::Tensor> &weight,
+                      const c10::optional<at::Tensor> &bias, double eps, bool centered, at::IntArrayRef view,
+                      int64_t red, at::IntArrayRef layout, at::IntArrayRef affine_shape) {
+  if (!recorded(x, weight, bias))
+    return row_forward(x, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), eps, centered, view, red,
+                       layout);
+  auto out = RowNorm::apply(x, weight, bias, eps, centered, view, red, layout, affine_shape);
   return {out[0], out[1], out[2], out[3]};
 }
 

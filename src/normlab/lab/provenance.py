@@ -42,11 +42,16 @@ def git_revision(path: str | os.PathLike | None = None) -> str | None:
 
 
 _SOURCE_HASH: str | None = None
-_SOURCE_SUFFIXES = (".py", ".c", ".inc")  # the kernels' bodies are in csrc/norm_kernels.inc
+_SOURCE_SUFFIXES = (
+    ".py",
+    ".c",
+    ".inc",
+    ".cpp",
+)  # the kernels' bodies are in csrc/norm_kernels.inc, the C++ operators in .cpp
 
 
 def source_hash() -> str:
-    """A short hash of normlab's own source files (``*.py``, ``*.c`` and ``*.inc`` under the package).
+    """A short hash of normlab's own source files (``*.py``, ``*.c``, ``*.inc`` and ``*.cpp`` under the package).
 
     Stored with every run so that runs made by different code are told apart
     even when the git revision is not (uncommitted or untracked changes).

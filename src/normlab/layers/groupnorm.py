@@ -55,7 +55,13 @@ class GroupNorm(NormLayer, nn.GroupNorm):
                 f"GroupNorm: expected input (N, {self.num_channels}, *), got shape {tuple(input.shape)}; "
                 "the channel axis must be dim 1 with num_channels entries"
             )
-        return NF.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, centered=self.centered)
+        params = self._parameters  # (nn.Module's __getattr__ would look each one up)
+        weight, bias = params["weight"], params["bias"]
+        NF._check_floating(input, "GroupNorm")
+        for name, t in (("weight", weight), ("bias", bias)):  # a parameter replaced since construction
+            if t is not None and t.shape != (self.num_channels,):
+                raise ValueError(f"GroupNorm: {name} has shape {tuple(t.shape)}, expected ({self.num_channels},)")
+        return NF._group_norm(input, self.num_groups, weight, bias, self.eps, self.centered)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.centered else ", centered=False")

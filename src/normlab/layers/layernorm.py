@@ -49,7 +49,13 @@ class LayerNorm(NormLayer, nn.LayerNorm):
         super().__init__(ns, eps, elementwise_affine, bias, device=device, dtype=dtype)
 
     def _forward(self, input: Tensor) -> Tensor:
-        return NF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        params = self._parameters  # (nn.Module's __getattr__ would look each one up)
+        weight, bias, ns = params["weight"], params["bias"], self.normalized_shape
+        NF._check_floating(input, "LayerNorm")
+        NF._check_normalized_shape(input, ns, "LayerNorm")
+        for name, t in (("weight", weight), ("bias", bias)):  # a parameter replaced since construction
+            NF._check_affine_shape(t, ns, name, "LayerNorm")
+        return NF._layer_norm(input, ns, weight, bias, self.eps)
 
 
 class RMSNorm(NormLayer, nn.RMSNorm):
