@@ -482,13 +482,16 @@ def batch_norm_train_eager(
     return y
 
 
-def row_norm_eager(x: Tensor, weight, bias, eps: float, centered: bool, view, red: int, layout, affine_shape):
+def row_norm_eager(x: Tensor, weight, bias, eps: float, centered: bool, view, red: int, layout, affine_shape, stats):
     """``normlab::row_norm_eager``: ``row_norm_fwd`` on contiguous ``x`` seen as ``view`` (statistics keep its shape).
 
     ``weight``/``bias`` as the layer holds them, ``affine_shape`` their broadcast shape against ``view``,
-    ``layout`` the kernels' (R, K, G, L); ``y`` in ``x``'s shape. Only after :func:`eager_fast`.
+    ``layout`` the kernels' (R, K, G, L). Returns ``[y, mean, var, invstd]`` with ``y`` in ``x``'s shape, or
+    ``[y]`` alone when not ``stats`` (cheaper: each output has autograd bookkeeping). Only after :func:`eager_fast`.
     """
-    return torch.ops.normlab.row_norm_eager.default(x, weight, bias, eps, centered, view, red, layout, affine_shape)
+    return torch.ops.normlab.row_norm_eager.default(
+        x, weight, bias, eps, centered, view, red, layout, affine_shape, stats
+    )
 
 
 def update_running_stats(

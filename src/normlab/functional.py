@@ -89,7 +89,7 @@ def check_eps(eps: float, who: str) -> float:
 def _in_onnx_export() -> bool:
     """``torch.onnx.is_in_onnx_export()``, asked only while something traces (an export is a trace: TorchScript's
     or dynamo's), so an eager call does not pay for the question."""
-    traced = torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()
+    traced = torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
     return traced and torch.onnx.is_in_onnx_export()
 
 
@@ -494,19 +494,21 @@ def _row_layout(view: Sequence[int], red: int, affine_shape: Sequence[int], affi
     return r, k, g, l
 
 
-def _row_norm(x: Tensor, view: Sequence[int], red: int, weight, bias, eps: float, centered: bool, affine_shape):
+def _row_norm(
+    x: Tensor, view: Sequence[int], red: int, weight, bias, eps: float, centered: bool, affine_shape, stats=False
+):
     """Normalise ``x`` viewed as ``view`` over its trailing ``red`` dims; returns y, mean, var.
 
     ``weight``/``bias`` as the layer holds them; ``affine_shape`` is their broadcast shape against
-    ``view`` (size 1 on dim 0).
+    ``view`` (size 1 on dim 0). Without ``stats`` the mean and variance may come back ``None``.
     """
     if x.dtype in _HALF:
-        y, mean, var = _row_norm(x.float(), view, red, _f32(weight), _f32(bias), eps, centered, affine_shape)
+        y, mean, var = _row_norm(x.float(), view, red, _f32(weight), _f32(bias), eps, centered, affine_shape, stats)
         return y.to(x.dtype), mean, var
     if x.is_contiguous() and _ops.eager_fast(x, weight, bias):
         layout = _row_layout(view, red, affine_shape, weight is not None or bias is not None)
-        y, mean, var, _ = _ops.row_norm_eager(x, weight, bias, eps, centered, view, red, layout, affine_shape)
-        return y, mean, var
+        out = _ops.row_norm_eager(x, weight, bias, eps, centered, view, red, layout, affine_shape, stats)
+        return (out[0], out[1], out[2]) if stats else (out[0], None, None)
     weight = None if weight is None else weight.view(affine_shape)
     bias = None if bias is None else bias.view(affine_shape)
     xv = x.reshape(view)
@@ -673,7 +675,7 @@ def instance_norm(
         raise ValueError(
             f"instance_norm: expected more than 1 spatial element per channel, got input shape {tuple(input.shape)}"
         )
-    y, mean, var = _row_norm(input, (n, c, spatial), 1, weight, bias, eps, True, (1, c, 1))
+    y, mean, var = _row_norm(input, (n, c, spatial), 1, weight, bias, eps, True, (1, c, 1), stats=True)
     if running_mean is not None and running_var is not None and y.numel() and not _under_functorch():
         mean = mean.view(n, c).mean(0)
         var = (var.view(n, c) * (spatial / (spatial - 1))).mean(0)

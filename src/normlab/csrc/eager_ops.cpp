@@ -12,7 +12,7 @@
  *                                   var_scale)                        -> (y, status)
  *       the same, and the running statistics updated as normlab::update_running_stats_ does on the CPU
  *   normlab::row_norm_eager(x, weight, bias, eps, centered, view, red,
- *                           layout, affine_shape)                      -> (y, mean, var, invstd)
+ *                           layout, affine_shape, stats)               -> [y, mean, var, invstd] or [y]
  *       contiguous x seen as view, normalised over its red trailing dims; layout = (R, K, G, L) for the
  *       kernels; weight/bias as the layer holds them, broadcasting as affine_shape against view
  *
@@ -265,7 +265,7 @@ struct RowNorm : public torch::autograd::Function<RowNorm> {
   static variable_list forward(AutogradContext *ctx, const at::Tensor &x, const c10::optional<at::Tensor> &weight_opt,
                                const c10::optional<at::Tensor> &bias_opt, double eps, bool centered,
                                at::IntArrayRef view, int64_t red, at::IntArrayRef layout,
-                               at::IntArrayRef affine_shape) {
+                               at::IntArrayRef affine_shape, bool stats) {
     const at::Tensor weight = weight_opt.value_or(at::Tensor()), bias = bias_opt.value_or(at::Tensor());
     auto [y, mean, var, rstd] = row_forward(x, weight, bias, eps, centered, view, red, layout);
     ctx->set_materialize_grads(false);
@@ -278,13 +278,14 @@ struct RowNorm : public torch::autograd::Function<RowNorm> {
     k.insert(k.end(), affine_shape.begin(), affine_shape.end());
     ctx->saved_data["k"] = std::move(k);
     ctx->saved_data["eps"] = eps;
+    if (!stats) return {y}; /* each output costs its autograd bookkeeping: only y when the caller needs no more */
     ctx->mark_non_differentiable({mean, var, rstd});
     return {y, mean, var, rstd};
   }
 
   static variable_list backward(AutogradContext *ctx, variable_list grads) {
     const at::Tensor never;
-    if (!grads[0].defined()) return {never, never, never, never, never, never, never, never, never};
+    if (!grads[0].defined()) return {never, never, never, never, never, never, never, never, never, never};
     auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &rstd = saved[4];
     const auto k = ctx->saved_data["k"].toIntVector();
@@ -302,7 +303,7 @@ struct RowNorm : public torch::autograd::Function<RowNorm> {
       auto [dx, dw, db] = backward_graph(grads[0].reshape(view), x.reshape(view), w,
                                          ctx->saved_data["eps"].toDouble(), dims, centered, {nx, nw, nb}, shape);
       return {nx ? dx.view(x.sizes()) : never, nw ? dw.view(weight.sizes()) : never,
-              nb ? db.view(bias.sizes()) : never, never, never, never, never, never, never};
+              nb ? db.view(bias.sizes()) : never, never, never, never, never, never, never, never};
     }
     const int64_t P = L ? G * (K / L) : 0;
     at::Tensor g = grads[0].contiguous();
@@ -321,18 +322,20 @@ struct RowNorm : public torch::autograd::Function<RowNorm> {
     }
     check_status(status, "row_bwd");
     return {dx, nw ? dw.view(weight.sizes()) : never, nb ? db.view(bias.sizes()) : never,
-            never, never, never, never, never, never};
+            never, never, never, never, never, never, never};
   }
 };
 
-Stats4 row_norm_eager(const at::Tensor &x, const c10::optional<at::Tensor> &weight,
-                      const c10::optional<at::Tensor> &bias, double eps, bool centered, at::IntArrayRef view,
-                      int64_t red, at::IntArrayRef layout, at::IntArrayRef affine_shape) {
-  if (!recorded(x, weight, bias))
-    return row_forward(x, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), eps, centered, view, red,
-                       layout);
-  auto out = RowNorm::apply(x, weight, bias, eps, centered, view, red, layout, affine_shape);
-  return {out[0], out[1], out[2], out[3]};
+/* [y, mean, var, rstd] when `stats`, else [y] */
+std::vector<at::Tensor> row_norm_eager(const at::Tensor &x, const c10::optional<at::Tensor> &weight,
+                                       const c10::optional<at::Tensor> &bias, double eps, bool centered,
+                                       at::IntArrayRef view, int64_t red, at::IntArrayRef layout,
+                                       at::IntArrayRef affine_shape, bool stats) {
+  if (recorded(x, weight, bias)) return RowNorm::apply(x, weight, bias, eps, centered, view, red, layout, affine_shape, stats);
+  auto [y, mean, var, rstd] =
+      row_forward(x, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), eps, centered, view, red, layout);
+  if (!stats) return {y};
+  return {y, mean, var, rstd};
 }
 
 }  // namespace
@@ -347,7 +350,7 @@ TORCH_LIBRARY_FRAGMENT(normlab, m) {
       "Tensor(d!) num_nonfinite_batches, float ema_weight, float var_scale) -> (Tensor, int)");
   m.def(
       "row_norm_eager(Tensor x, Tensor? weight, Tensor? bias, float eps, bool centered, int[] view, int red, "
-      "int[4] layout, int[] affine_shape) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int[4] layout, int[] affine_shape, bool stats) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(normlab, CompositeImplicitAutograd, m) {
