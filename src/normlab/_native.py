@@ -133,23 +133,33 @@ def _load_symbols(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def _compile(cc: str, out: Path) -> None:
-    """Compile into a private folder, load the result there to verify it, then publish it atomically."""
+def _build_and_publish(out: Path, commands, verify=None) -> None:
+    """Build ``out`` in a private folder, verify it, then publish it atomically beside its checksum.
+
+    ``commands(build, tmp)`` gives the compiler command lines, run in order, that write ``tmp``
+    (``build / out.name``); ``verify(tmp)`` (if given) raises for a result that must not be published.
+    """
     build = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
     try:
         tmp = build / out.name
-        try:
-            subprocess.run(
-                [cc, *_FLAGS, "-o", str(tmp), str(_SOURCE), "-lm"], check=True, capture_output=True, text=True
-            )
-        except subprocess.CalledProcessError as e:
-            raise RuntimeError(f"{cc} failed: {e.stderr.strip()[:500]}") from None
-        _load_symbols(tmp)  # a library that does not load or lacks a kernel is never published
+        for cmd in commands(build, tmp):
+            try:
+                subprocess.run(cmd, check=True, capture_output=True, text=True)
+            except subprocess.CalledProcessError as e:
+                raise RuntimeError(f"{cmd[0]} failed: {e.stderr.strip()[:500]}") from None
+        if verify is not None:
+            verify(tmp)
         data = tmp.read_bytes()
         atomic_write(out, data)
         atomic_write(_checksum_path(out), _digest(data) + "\n")
     finally:
         shutil.rmtree(build, ignore_errors=True)
+
+
+def _compile(cc: str, out: Path) -> None:
+    """Compile the C kernels; the result is loaded in the private folder first (a library that does not load or
+    lacks a kernel is never published)."""
+    _build_and_publish(out, lambda build, tmp: [[cc, *_FLAGS, "-o", str(tmp), str(_SOURCE), "-lm"]], _load_symbols)
 
 
 def _build() -> ctypes.CDLL:
@@ -199,25 +209,18 @@ def _torch_build_args() -> list[str]:
 
 
 def _compile_eager(cc: str, cxx: str, out: Path) -> None:
-    """Compile the C kernels and the C++ operators into one library in a private folder, then publish it."""
-    build = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
-    try:
-        obj, tmp = build / "norm_kernels.o", build / out.name
-        steps = [
+    """Compile the C kernels and the C++ operators into one library (loaded only once published: loading
+    registers the operators, which can happen once per process)."""
+
+    def commands(build: Path, tmp: Path) -> list[list[str]]:
+        obj = build / "norm_kernels.o"
+        return [
             [cc, *[f for f in _FLAGS if f != "-shared"], "-c", "-o", str(obj), str(_SOURCE)],
             [cxx, *_CXX_FLAGS, "-o", str(tmp), str(_EAGER_SOURCE), str(obj), *_torch_build_args()]
             + ["-lc10", "-ltorch_cpu", "-ltorch", "-lm"],
         ]
-        for cmd in steps:
-            try:
-                subprocess.run(cmd, check=True, capture_output=True, text=True)
-            except subprocess.CalledProcessError as e:
-                raise RuntimeError(f"{cmd[0]} failed: {e.stderr.strip()[:500]}") from None
-        data = tmp.read_bytes()
-        atomic_write(out, data)
-        atomic_write(_checksum_path(out), _digest(data) + "\n")
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
+
+    _build_and_publish(out, commands)
 
 
 def _build_eager() -> None:

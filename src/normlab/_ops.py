@@ -198,8 +198,12 @@ def ema_args(
 _warned: set[str] = set()
 
 
-def _warn_skipped(who: str, reason: str, dtype: torch.dtype) -> None:
-    """Warn once per process and reason that a batch was kept out of the running statistics."""
+def _warn_skipped(who: str, status: int, dtype: torch.dtype) -> None:
+    """Warn once per process and reason that a batch was kept out of the running statistics.
+
+    ``status`` is the update's result, ``_native.EMA_NONFINITE`` or ``_native.EMA_OVERFLOW``.
+    """
+    reason = "nonfinite" if status == _native.EMA_NONFINITE else "overflow"
     if reason in _warned:
         return
     _warned.add(reason)
@@ -247,7 +251,7 @@ def _update_running_stats_(
             num_batches_tracked.add_(1)
         else:
             num_nonfinite_batches.add_(1)
-            _warn_skipped(who, "nonfinite" if status == _native.EMA_NONFINITE else "overflow", running_var.dtype)
+            _warn_skipped(who, status, running_var.dtype)
         return
     # on accelerators: no host sync; the skip is decided by torch.where and counted, not warned about
     n = count.to(mean.dtype)
@@ -477,8 +481,7 @@ def batch_norm_train_eager(
     """
     y, status = torch.ops.normlab.batch_norm_train_eager.default(x, weight, bias, eps, dim, layout, *buffers, *ema)
     if status != _native.EMA_UPDATED:
-        reason = "nonfinite" if status == _native.EMA_NONFINITE else "overflow"
-        _warn_skipped(who, reason, buffers[1].dtype)
+        _warn_skipped(who, status, buffers[1].dtype)
     return y
 
 

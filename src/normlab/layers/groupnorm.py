@@ -59,8 +59,7 @@ class GroupNorm(NormLayer, nn.GroupNorm):
         weight, bias = params["weight"], params["bias"]
         NF._check_floating(input, "GroupNorm")
         for name, t in (("weight", weight), ("bias", bias)):  # a parameter replaced since construction
-            if t is not None and t.shape != (self.num_channels,):
-                raise ValueError(f"GroupNorm: {name} has shape {tuple(t.shape)}, expected ({self.num_channels},)")
+            NF._check_affine_shape(t, (self.num_channels,), name, "GroupNorm")
         return NF._group_norm(input, self.num_groups, weight, bias, self.eps, self.centered)
 
     def extra_repr(self) -> str:
